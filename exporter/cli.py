@@ -1,0 +1,94 @@
+"""Console entry points: `uniforget <stage>` and the one-shot `uniforget-export`.
+
+Parse -> library call -> exit code. Any tool error becomes one line on stderr and exit code 2;
+Ctrl-C exits 130. Logging goes through rich; the library itself only logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from uniforget.errors import UniforgetError
+
+from .commands import STAGES
+
+log = logging.getLogger("uniforget")
+
+
+def _setup_logging(verbose: int) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    for noisy in ("diffusers", "transformers", "onnx", "onnxruntime", "polygraphy", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load_stage(name: str):
+    try:
+        return importlib.import_module(f"exporter.commands.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"exporter.commands.{name}":
+            return None
+        raise
+
+
+def _not_available(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise UniforgetError(f"'uniforget {name}' is not available in this version yet")
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="uniforget", description="UniForget stages, one at a time.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name in STAGES:
+        mod = _load_stage(name)
+        if mod is None:
+            sp = sub.add_parser(name, help="(not available yet)")
+            sp.set_defaults(func=_not_available(name))
+        else:
+            sp = mod.add_parser(sub)
+            sp.set_defaults(func=mod.run)
+    return p
+
+
+def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    try:
+        return int(func(args) or 0)
+    except UniforgetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was marked finished", file=sys.stderr)
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(-1 if args.quiet else args.verbose)
+    return _run(args.func, args)
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """`uniforget-export`: model -> masks -> plan -> slim UNet -> ONNX -> (TensorRT) -> Triton -> report."""
+    mod = _load_stage("oneshot")
+    if mod is None:
+        print("error: uniforget-export is not available in this version yet", file=sys.stderr)
+        return 2
+    p = mod.build_parser()
+    args = p.parse_args(argv)
+    _setup_logging(-1 if getattr(args, "quiet", False) else getattr(args, "verbose", 0))
+    return _run(mod.run, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

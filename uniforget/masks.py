@@ -1,0 +1,92 @@
+"""MaskSet: learned gate parameters for one UNet, saved as `masks.safetensors` (ARCHITECTURE.md).
+
+One 1-D float32 tensor per gate target, keyed `<module path>/<kind>`; the header metadata records the
+model fingerprint, the learning settings and the relaxation constants needed to turn parameters into gate
+values. Loading against another model is refused with both fingerprints in the message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from . import __version__
+from .errors import MaskSetError
+from .gates import GateConfig, hard_concrete
+from .targets import GateTarget
+
+
+@dataclass(frozen=True)
+class MaskSet:
+    """Gate parameters (`logits`, the paper's M) per target key, plus provenance metadata."""
+
+    logits: dict[str, torch.Tensor]
+    model_fingerprint: str
+    gate_config: GateConfig = GateConfig()
+    meta: dict[str, str] = field(default_factory=dict)  # beta, steps, sampler_steps, prompts_sha256, ...
+
+    def gate_values(self) -> dict[str, torch.Tensor]:
+        """Hard-concrete gate values in [0, 1] per key (what the gated model multiplies by)."""
+        return {k: hard_concrete(v.float(), self.gate_config) for k, v in self.logits.items()}
+
+    def targets(self) -> list[GateTarget]:
+        out = []
+        for key, v in self.logits.items():
+            path, kind = key.rsplit("/", 1)
+            out.append(GateTarget(path, kind, int(v.numel())))
+        return out
+
+    def check_model(self, fingerprint: str) -> None:
+        """Refuse to use these masks on another model."""
+        if fingerprint != self.model_fingerprint:
+            raise MaskSetError(
+                f"MaskSet was learned for model {self.model_fingerprint} but this model is {fingerprint}; "
+                "learn masks for this model (uniforget learn) or pass the model they were made for"
+            )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": "uniforget.maskset/1",
+            "model_fingerprint": self.model_fingerprint,
+            "library_version": __version__,
+            "gate_config": json.dumps(self.gate_config.to_meta()),
+            **{k: str(v) for k, v in self.meta.items()},
+        }
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.logits.items()}
+        tmp = path.with_name(path.name + ".partial")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, expect_fingerprint: str | None = None) -> MaskSet:
+        path = Path(path)
+        if not path.is_file():
+            raise MaskSetError(f"MaskSet file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+            logits = load_file(str(path))
+        except (SafetensorsError, OSError, ValueError) as e:
+            raise MaskSetError(f"{path} is not a readable safetensors MaskSet: {e}") from e
+        if meta.get("format") != "uniforget.maskset/1" or "model_fingerprint" not in meta:
+            raise MaskSetError(f"{path} is a safetensors file but not a uniforget MaskSet (no format/fingerprint)")
+        bad = [k for k, v in logits.items() if v.ndim != 1 or "/" not in k]
+        if bad:
+            raise MaskSetError(f"{path}: malformed MaskSet entries {bad[:3]} (want 1-D tensors keyed path/kind)")
+        gate_cfg = GateConfig.from_meta(json.loads(meta.pop("gate_config", "{}")))
+        fp = meta.pop("model_fingerprint")
+        for k in ("format", "library_version"):
+            meta.pop(k, None)
+        ms = cls(logits=logits, model_fingerprint=fp, gate_config=gate_cfg, meta=meta)
+        if expect_fingerprint is not None:
+            ms.check_model(expect_fingerprint)
+        return ms

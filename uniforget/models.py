@@ -1,0 +1,104 @@
+"""Load the Stable Diffusion pipeline a user points at: a diffusers folder, a single-file checkpoint, or `toy`.
+
+The embedded toy goes through exactly the same folder loader as a user's model. Every failure is a
+`ModelLoadError` with one line saying what was expected; pickle checkpoints are refused unless the
+caller passes `allow_pickle=True` (they can run arbitrary code when loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+TOY_DIR = Path(__file__).parent / "toy" / "pipeline"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def resolve_model_path(model: str | os.PathLike | None) -> Path | str:
+    """'toy' (or None) -> the embedded pipeline folder; anything else is returned as a Path."""
+    if model is None or str(model) == "toy":
+        return TOY_DIR
+    return Path(model)
+
+
+def _check_unet(pipe: Any, source: str) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, UNet2DConditionModel):
+        raise ModelLoadError(
+            f"{source}: pipeline has no UNet2DConditionModel (found {type(unet).__name__}); "
+            "uniforget prunes Stable Diffusion 1.x/2.x/XL UNets"
+        )
+    return pipe
+
+
+def load_pipeline(model: str | os.PathLike | None = "toy", *, allow_pickle: bool = False,
+                  config: str | os.PathLike | None = None, torch_dtype: Any = None) -> Any:
+    """Load a diffusers pipeline from `toy`, a pipeline folder, or a single-file checkpoint."""
+    path = resolve_model_path(model)
+    if not isinstance(path, Path) or not path.exists():
+        raise ModelLoadError(f"model not found: {model} (give a diffusers pipeline folder, a .safetensors "
+                             "checkpoint, or 'toy')")
+    if path.is_dir():
+        return _load_folder(path, torch_dtype)
+    return _load_single_file(path, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype)
+
+
+def _load_folder(path: Path, torch_dtype: Any) -> Any:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
+    try:
+        meta = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{index} is not valid JSON: {e}") from e
+    if "unet" not in meta:
+        raise ModelLoadError(f"{path}: pipeline has no 'unet' component (model_index.json lists {sorted(meta)})")
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), **kwargs)
+    except Exception as e:  # diffusers raises many types; the user needs one line
+        raise ModelLoadError(f"could not load pipeline folder {path}: {type(e).__name__}: {_first_line(e)}") from e
+    pipe.set_progress_bar_config(disable=True)
+    return _check_unet(pipe, str(path))
+
+
+def _load_single_file(path: Path, *, allow_pickle: bool, config: Any, torch_dtype: Any) -> Any:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise ModelLoadError(f"{path} is a pickle checkpoint ({suffix}), which can run arbitrary code when loaded; "
+                             "convert it to .safetensors or pass --allow-pickle if you trust it")
+    if suffix not in (".safetensors", *PICKLE_SUFFIXES):
+        raise ModelLoadError(f"{path}: unsupported model file type '{suffix}' (want a diffusers folder, "
+                             ".safetensors, or with --allow-pickle .ckpt)")
+    from diffusers import StableDiffusionPipeline
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if config is not None:
+        kwargs["config"] = str(config)
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"could not load checkpoint {path}: {type(e).__name__}: {_first_line(e)} "
+                             "(offline single-file loading needs --config pointing at a matching diffusers folder)") from e
+    pipe.set_progress_bar_config(disable=True)
+    return _check_unet(pipe, str(path))
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else ""
