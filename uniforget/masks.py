@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError as SafetensorsError
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .errors import MaskSetError
