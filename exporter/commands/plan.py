@@ -1,0 +1,70 @@
+"""`uniforget plan`: turn a MaskSet into a PruningPlan (plan.json) and print the before/after table.
+
+    uniforget plan --model toy|PATH [--unet DIR] --masks masks.safetensors --ratio 0.05|auto --out plan.json
+        [--ref-batch 1] [--ref-size 64] [--ref-seq 77]
+
+`--ratio auto` removes exactly the closed gates; a number removes units, most closed first, until that
+fraction of UNet parameters is gone. Every module keeps at least one head / neuron / channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from uniforget.flops import ReferenceShape
+from uniforget.plan import PlanRequest, PruningPlan, parse_ratio, plan_from_request
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model / --unet / reference-shape options shared by `plan` and `prune`."""
+    p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline folder or a .safetensors checkpoint")
+    p.add_argument("--unet", type=Path, default=None, metavar="DIR",
+                   help="a diffusers UNet folder (config.json + safetensors); overrides --model")
+    p.add_argument("--ref-batch", type=int, default=1, help="batch of the FLOP/parity reference input")
+    p.add_argument("--ref-size", type=int, default=None,
+                   help="latent height=width of the reference input (default: the UNet's sample_size)")
+    p.add_argument("--ref-seq", type=int, default=77, help="text tokens of the reference input")
+
+
+def reference_shape(args: argparse.Namespace) -> ReferenceShape | None:
+    if args.ref_size is None and args.ref_batch == 1 and args.ref_seq == 77:
+        return None  # the UNet's native size, decided once the UNet is loaded
+    from uniforget.errors import PlanError
+
+    if args.ref_batch < 1 or args.ref_seq < 1 or (args.ref_size is not None and args.ref_size < 1):
+        raise PlanError("--ref-batch, --ref-size and --ref-seq must be positive")
+    if args.ref_size is None:
+        raise PlanError("--ref-batch/--ref-seq need --ref-size too")
+    return ReferenceShape(args.ref_batch, args.ref_size, args.ref_size, args.ref_seq)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("plan", help="MaskSet + ratio -> PruningPlan (plan.json)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--masks", type=Path, required=True, help="MaskSet file (masks.safetensors)")
+    p.add_argument("--ratio", required=True, help="'auto' or the fraction of UNet parameters to remove, in [0, 1)")
+    p.add_argument("--out", type=Path, default=Path("plan.json"), help="plan file to write")
+    return p
+
+
+def print_plan_table(plan: PruningPlan, title: str) -> None:
+    """The before/after table (rich) on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col, just in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
+        t.add_column(col, justify=just)
+    for row in plan.summary_rows():
+        t.add_row(*row)
+    Console().print(t)
+
+
+def run(args: argparse.Namespace) -> int:
+    req = PlanRequest(masks=args.masks, ratio=parse_ratio(args.ratio), model=args.model, unet_dir=args.unet,
+                      reference_shape=reference_shape(args), out=args.out)
+    plan = plan_from_request(req)
+    print_plan_table(plan, f"plan (ratio {plan.ratio_requested}) -> {args.out}")
+    return 0

@@ -1,0 +1,161 @@
+"""`uniforget plan` / `uniforget prune` end to end: real files in, slim UNet out, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from exporter.cli import main
+from uniforget.fingerprint import model_fingerprint
+from uniforget.geometries import TINY, build_unet, example_inputs
+from uniforget.masks import MaskSet
+from uniforget.plan import PruningPlan
+from uniforget.slim_io import load_slim_unet
+from uniforget.targets import discover_targets
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2 / CLIP convention)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def tiny_pipeline(unet, folder):
+    """A complete (random-weight) Stable Diffusion pipeline folder around `unet`: no hub download."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok_dir = folder.parent / "tok_src"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=unet.config.cross_attention_dim,
+                                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                                        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
+    vae = AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        sample_size=16)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A diffusers UNet folder, a pipeline folder holding the same UNet, and a MaskSet for it."""
+    root = tmp_path_factory.mktemp("cli")
+    unet = build_unet(TINY["sd1"], seed=0)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    tiny_pipeline(unet, root / "pipe")
+    g = torch.Generator().manual_seed(0)
+    logits = {}
+    for t in discover_targets(unet):
+        m = torch.rand(t.size, generator=g) * 1.9 - 0.45
+        m[0] = -0.3
+        logits[t.key] = m
+    MaskSet(logits, model_fingerprint(unet), meta={"beta": "2.0"}).save(root / "masks.safetensors")
+    return root, unet
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_plan_writes_plan_json(files, tmp_path, capsys):
+    root, unet = files
+    out = tmp_path / "plan.json"
+    rc = main(["-q", "plan", "--unet", str(root / "unet"), "--masks", str(root / "masks.safetensors"),
+               "--ratio", "0.05", "--out", str(out), "--ref-size", "8", "--ref-seq", "7"])
+    assert rc == 0
+    plan = PruningPlan.load(out)
+    assert plan.ratio_requested == 0.05 and plan.ratio_achieved >= 0.05
+    assert plan.model_fingerprint == model_fingerprint(unet)
+    assert plan.reference_shape.height == 8 and plan.flops_after < plan.flops_before
+    assert plan.maskset_meta["beta"] == "2.0"
+    stdout = capsys.readouterr().out
+    assert "parameters" in stdout and "ffn units" in stdout
+
+
+def test_prune_from_pipeline_folder(files, tmp_path, capsys):
+    root, unet = files
+    out = tmp_path / "slim"
+    rc = main(["-q", "prune", "--model", str(root / "pipe"), "--masks", str(root / "masks.safetensors"),
+               "--ratio", "auto", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    assert "parameters" in stdout and "parity slim vs gated" in stdout
+    slim = load_slim_unet(out)
+    plan = PruningPlan.load(out / "uniforget_plan.json")
+    assert sum(p.numel() for p in slim.parameters()) == plan.params_after < plan.params_before
+    from uniforget.prune import check_parity
+
+    res = check_parity(unet, slim, plan, example_inputs(unet, batch=2, height=16, width=16, seed=5))
+    assert res, res
+
+
+def test_prune_with_existing_plan(files, tmp_path, capsys):
+    root, _ = files
+    plan_path = tmp_path / "plan.json"
+    assert main(["-q", "plan", "--unet", str(root / "unet"), "--masks", str(root / "masks.safetensors"),
+                 "--ratio", "0.1", "--out", str(plan_path)]) == 0
+    out = tmp_path / "slim"
+    assert main(["-q", "prune", "--unet", str(root / "unet"), "--plan", str(plan_path), "--out", str(out)]) == 0
+    assert json.loads((out / "uniforget_plan.json").read_text()) == json.loads(plan_path.read_text())
+
+
+@pytest.mark.parametrize("ratio", ["nan", "1", "-0.2", "lots", "0.99"])
+def test_bad_ratio_is_one_line_exit_2(files, tmp_path, capsys, ratio):
+    root, _ = files
+    out = tmp_path / "slim"
+    rc = main(["-q", "prune", "--unet", str(root / "unet"), "--masks", str(root / "masks.safetensors"),
+               "--ratio", ratio, "--out", str(out)])
+    assert rc == 2
+    assert "ratio" in _err_line(capsys)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_out_and_bad_inputs(files, tmp_path, capsys):
+    root, _ = files
+    masks = str(root / "masks.safetensors")
+    (tmp_path / "taken").mkdir()
+    base = ["-q", "prune", "--unet", str(root / "unet"), "--ratio", "auto"]
+    assert main([*base, "--masks", masks, "--out", str(tmp_path / "taken")]) == 2
+    assert "already exists" in _err_line(capsys)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    assert main([*base, "--masks", str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "o")]) == 2
+    _err_line(capsys)
+    assert main([*base, "--out", str(tmp_path / "o")]) == 2  # neither --masks nor --plan
+    assert "--masks" in _err_line(capsys)
+    assert main(["-q", "prune", "--unet", str(tmp_path), "--masks", masks, "--ratio", "auto",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "not a diffusers UNet folder" in _err_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_masks_for_another_model(files, tmp_path, capsys):
+    root, _ = files
+    other = build_unet(TINY["sd1"], seed=3)
+    other.save_pretrained(tmp_path / "other", safe_serialization=True)
+    rc = main(["-q", "plan", "--unet", str(tmp_path / "other"), "--masks", str(root / "masks.safetensors"),
+               "--ratio", "auto", "--out", str(tmp_path / "p.json")])
+    assert rc == 2 and "learned for model" in _err_line(capsys)
