@@ -1,0 +1,170 @@
+"""End to end through a real tritonserver: export a tiny random Stable Diffusion pipeline to ONNX, write the model
+repository, serve it on 127.0.0.1, send a prompt with tritonclient over HTTP, and check the image equals the
+in-process ONNX Runtime pipeline's for the same seed. Servers are stopped however each test ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.triton_repo import PIPELINE, UNET_ONNX, TritonRepoOptions, default_python_env, write_repository
+
+httpclient = pytest.importorskip("tritonclient.http", reason='needs tritonclient: pip install "uniforget[triton]"')
+PY_ENV = default_python_env()
+pytestmark = pytest.mark.skipif(PY_ENV is None, reason="no .venv-triton with a tritonserver: run "
+                                                       "scripts/setup_triton_env.sh")
+
+STEPS, GUIDANCE = 3, 5.0
+
+
+def _tiny_pipeline():
+    """A random SD1-style pipeline: tiny CLIP text encoder + letter tokenizer, tiny UNet, tiny VAE, DDIM."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from uniforget.geometries import TINY
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        vocab.update({c + suffix: len(vocab) for c in "abcdefghijklmnopqrstuvwxyz"})
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "vocab.json").write_text(json.dumps(vocab))
+        Path(d, "merges.txt").write_text("#version: 0.2\n")
+        tok = CLIPTokenizer.from_pretrained(d, model_max_length=77)
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=48, intermediate_size=64,
+                                      num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    unet = UNet2DConditionModel(**TINY["sd1"]).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        sample_size=16).eval()
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> tuple[Path, Path]:
+    """(model repository, exported ONNX pipeline folder)."""
+    from exporter.onnx_export import export_pipeline
+
+    root = tmp_path_factory.mktemp("e2e")
+    onnx_dir = export_pipeline(_tiny_pipeline(), root / "onnx", validate=False).folder
+    res = write_repository(TritonRepoOptions(out_dir=root / "triton", unet_onnx=onnx_dir / "unet" / "model.onnx",
+                                             pipeline_dir=onnx_dir, steps=STEPS, guidance_scale=GUIDANCE, threads=1))
+    return res.path, onnx_dir
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    from exporter.triton_server import ServerOptions, TritonServer
+
+    s = TritonServer(ServerOptions(repo=repo[0], http_port=0, startup_timeout_s=90))
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+def _request(client, prompt: str, seed: int | None = None, steps: int | None = None):
+    inputs = [httpclient.InferInput("prompt", [1], "BYTES")]
+    inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    for name, dtype, value in (("seed", np.int64, seed), ("steps", np.int32, steps)):
+        if value is not None:
+            t = httpclient.InferInput(name, [1], "INT64" if dtype is np.int64 else "INT32")
+            t.set_data_from_numpy(np.array([value], dtype=dtype))
+            inputs.append(t)
+    return client.infer(PIPELINE, inputs).as_numpy("image")
+
+
+def _in_process(onnx_dir: Path, prompt: str, seed: int) -> np.ndarray:
+    from exporter.onnx_pipeline import OnnxStableDiffusionPipeline
+
+    pipe = OnnxStableDiffusionPipeline(onnx_dir, threads=1)
+    try:
+        images = pipe(prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=seed).images
+    finally:
+        pipe.close()
+    return np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)[0]
+
+
+def test_served_image_equals_in_process_pipeline(server, repo):
+    assert server.models == [PIPELINE]  # pytriton's server has no ONNX Runtime backend: unet_onnx is skipped
+    assert (repo[0] / UNET_ONNX / "config.pbtxt").is_file()
+    client = httpclient.InferenceServerClient(server.url)
+    try:
+        assert client.is_server_ready() and client.is_model_ready(PIPELINE)
+        served = _request(client, "a red square", seed=7)
+        other = _request(client, "a red square", seed=8)
+    finally:
+        client.close()
+    expected = _in_process(repo[1], "a red square", seed=7)
+    assert served.dtype == np.uint8 and served.shape == expected.shape == (16, 16, 3)
+    np.testing.assert_array_equal(served, expected)
+    assert not np.array_equal(served, other), "different seeds gave the same image: the comparison means nothing"
+
+
+def test_bad_request_is_answered_and_server_keeps_serving(server):
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(server.url)
+    try:
+        with pytest.raises(InferenceServerException, match="num_inference_steps"):
+            _request(client, "a cat", seed=1, steps=0)
+        assert _request(client, "a cat", seed=1).shape == (16, 16, 3)
+    finally:
+        client.close()
+    assert server.alive()
+
+
+def test_server_is_stopped_when_the_block_fails(repo):
+    from exporter.triton_server import ServerOptions, TritonServer
+
+    s = TritonServer(ServerOptions(repo=repo[0], http_port=0, models=(PIPELINE,), startup_timeout_s=90))
+    with pytest.raises(RuntimeError, match="boom"):
+        with s:
+            pid = s.proc.pid
+            raise RuntimeError("boom")
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)  # the whole group (server + Python-backend stub) is gone
+
+
+def test_serve_cli_prints_endpoint_and_stops_on_sigterm(repo):
+    from exporter.triton_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "exporter.cli", "serve", "--repo", str(repo[0]),
+                             "--http-port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline, lines = time.monotonic() + 90, []
+        while time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 1.0)[0]:
+                lines.append(proc.stdout.readline())
+                if "Triton ready" in lines[-1]:
+                    break
+        assert any(f"http://127.0.0.1:{port}" in ln for ln in lines), "".join(lines)
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_model_ready(PIPELINE)
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    with pytest.raises(Exception):  # noqa: B017 - connection refused, whichever exception tritonclient raises
+        httpclient.InferenceServerClient(f"127.0.0.1:{port}").is_server_live()
