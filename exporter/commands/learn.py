@@ -1,0 +1,106 @@
+"""`uniforget learn`: learn UniForget gates from neutral prompts and write a MaskSet.
+
+    uniforget learn --model toy --beta medium --out masks.safetensors [--prompts FILE]
+        [--targets heads,ffn,norm] [--steps 300] [--lr 0.05] [--sampler-steps 6] [--batch 8]
+        [--checkpoint-every 50] [--resume]
+
+Runs on CPU for the toy and data-parallel on several GPUs (each process takes a slice of the batch,
+gate gradients are averaged):
+
+    accelerate launch --multi_gpu --num_processes 4 -m exporter.cli learn --model PATH --precision bf16 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from uniforget.learn import LearnConfig, LearnRequest, LearnResult, StepStats, parse_beta, run_learn
+from uniforget.sampler import CHECKPOINTING, SamplerConfig
+from uniforget.targets import KINDS
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    d, ds = LearnConfig(), SamplerConfig()
+    p = subparsers.add_parser("learn", help="learn gates from neutral prompts -> MaskSet",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline folder or a .safetensors checkpoint")
+    p.add_argument("--out", type=Path, default=Path("masks.safetensors"), help="MaskSet file to write")
+    p.add_argument("--beta", default="medium", help="sparsity weight: weak (1), medium (2), strong (5) or a number")
+    p.add_argument("--prompts", type=Path, default=None,
+                   help="neutral prompts, one per line (default: the toy's training prompts, else a shipped generic list)")
+    p.add_argument("--targets", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine annealed)")
+    p.add_argument("--lr-min", type=float, default=d.lr_min, help="cosine floor")
+    p.add_argument("--optimizer", choices=("adamw", "adam"), default=d.optimizer,
+                   help="adamw: decoupled weight decay; adam: the paper's coupled decay (collapses small models)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--batch", type=int, default=d.batch, help="prompts per step (global, across processes)")
+    p.add_argument("--sampler-steps", type=int, default=ds.steps, help="N: sampler steps unrolled per sample")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help=f"classifier-free guidance scale (default: the model's own, else {ds.guidance_scale})")
+    p.add_argument("--checkpointing", choices=CHECKPOINTING, default=ds.checkpointing,
+                   help="activation checkpointing: per sampler step, diffusers' UNet blocks, or none")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
+                   help="autocast dtype for the UNet (bf16 on GPUs; fp16 has no loss scaling)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="K", help="save resumable state every K steps")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
+    p.add_argument("--device", choices=("cpu",), default=None, help="force CPU (default: accelerate's choice)")
+    p.add_argument("--history", type=Path, default=None, help="write per-step loss parts and closed shares (JSON lines)")
+    p.add_argument("--drift-prompts", type=int, default=16,
+                   help="measure the final gates' neutral drift on this many training prompts (0 = skip)")
+    p.add_argument("--controls", action="store_true",
+                   help="also write random-removal and shuffled-gates control MaskSets at the learned masks' "
+                        "neutral drift (<out>.control-random/-shuffled.safetensors)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _config(args: argparse.Namespace) -> LearnRequest:
+    kinds = tuple(k.strip() for k in args.targets.split(",") if k.strip())
+    cfg = LearnConfig(beta=parse_beta(args.beta), steps=args.steps, lr=args.lr, lr_min=args.lr_min,
+                      optimizer=args.optimizer, weight_decay=args.weight_decay, batch=args.batch, kinds=kinds,
+                      sampler=_sampler(args), seed=args.seed, precision=args.precision)
+    return LearnRequest(model=args.model, out=args.out, config=cfg, prompts_file=args.prompts,
+                        checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
+                        guidance_scale=args.guidance_scale, history=args.history, drift_prompts=args.drift_prompts,
+                        controls=args.controls)
+
+
+def _sampler(args: argparse.Namespace) -> SamplerConfig:
+    from uniforget.learn import LearnError
+
+    try:
+        guidance = SamplerConfig.guidance_scale if args.guidance_scale is None else args.guidance_scale
+        return SamplerConfig(steps=args.sampler_steps, guidance_scale=guidance, checkpointing=args.checkpointing)
+    except ValueError as e:
+        raise LearnError(str(e)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    req = _config(args)
+    if args.no_progress:
+        result = run_learn(req)
+    else:
+        result = _with_progress(req)
+    closed = ", ".join(f"{k} {v:.1%}" for k, v in result.history[-1].closed.items()) if result.history else "-"
+    drift = result.maskset.meta.get("neutral_drift_rel")
+    print(f"wrote {req.out}  closed: {closed}  neutral drift (rel): {drift or '-'}  ({result.wall_s:.0f} s)")
+    return 0
+
+
+def _with_progress(req: LearnRequest) -> LearnResult:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = (TextColumn("learn"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*cols, transient=False) as bar:
+        task = bar.add_task("learn", total=req.config.steps, info="")
+
+        def update(s: StepStats) -> None:
+            shut = " ".join(f"{k}:{v:.0%}" for k, v in s.closed.items())
+            bar.update(task, completed=s.step,
+                       info=f"mse {s.mse:.2e}  l1 {s.l1:.3f}  lr {s.lr:.3g}  closed {shut}")
+
+        return run_learn(req, callback=update)

@@ -1,0 +1,305 @@
+"""Mask learning: gates close under a large beta and stay at beta 0; resume == uninterrupted; wrong model refused."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_sampler import tiny_pipeline  # noqa: E402
+
+from exporter.cli import main  # noqa: E402
+from uniforget.controls import (  # noqa: E402
+    closed_counts,
+    gates_to_logits,
+    match_drift,
+    random_removal,
+    removed_mass,
+    shuffled_gates,
+)
+from uniforget.errors import MaskSetError, UniforgetError  # noqa: E402
+from uniforget.fingerprint import model_fingerprint  # noqa: E402
+from uniforget.geometries import TINY, build_unet  # noqa: E402
+from uniforget.learn import (  # noqa: E402
+    LearnConfig,
+    LearnError,
+    latent_drift,
+    learn_masks,
+    parse_beta,
+    prompts_sha256,
+)
+from uniforget.masks import MaskSet  # noqa: E402
+from uniforget.prompts import DEFAULT_PROMPTS, read_prompt_file  # noqa: E402
+from uniforget.sampler import SamplerConfig, encode_prompts  # noqa: E402
+
+PROMPTS = ["a red circle", "a blue square", "green triangle on white", "small yellow star", "two grey dots",
+           "a big orange ring"]
+FAST = LearnConfig(steps=6, batch=2, lr=0.1, sampler=SamplerConfig(steps=2, guidance_scale=3.0), seed=7)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def cond(pipe):
+    return encode_prompts(pipe, PROMPTS)
+
+
+def _learn(pipe, cond, cfg, **kw):
+    return learn_masks(pipe.unet, pipe.scheduler, cond, cfg, prompts_sha=prompts_sha256(PROMPTS), **kw)
+
+
+def test_large_beta_closes_gates_beta_zero_keeps_them(pipe, cond):
+    ref = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    open_run = _learn(pipe, cond, replace(FAST, beta=0.0, steps=4))
+    vals = open_run.maskset.gate_values()
+    assert all(torch.equal(v, torch.ones_like(v)) for v in vals.values()), "beta 0 must keep every gate at 1"
+    assert all(s.closed[k] == 0 for s in open_run.history for k in s.closed)
+
+    shut = _learn(pipe, cond, replace(FAST, beta=50.0, steps=12, lr=0.2))
+    closed = shut.history[-1].closed
+    assert set(closed) == {"heads", "ffn", "norm"}
+    assert closed["ffn"] > 0.5 and closed["norm"] > 0.5, closed
+    assert shut.history[-1].l1 < shut.history[0].l1
+    # the UNet's own weights never change
+    assert all(torch.equal(v, ref[k]) for k, v in pipe.unet.state_dict().items())
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+
+
+def test_loss_is_reconstruction_plus_beta_l1(pipe, cond):
+    """The logged loss is mse + beta * mean relaxed mask, and the reconstruction part becomes non-zero."""
+    cfg = replace(FAST, beta=0.5, steps=15, lr=0.1)
+    learned = _learn(pipe, cond, cfg)
+    assert learned.history[-1].mse > 0
+    assert any(s.mse > 0 for s in learned.history)
+    assert learned.history[-1].loss == pytest.approx(learned.history[-1].mse + 0.5 * learned.history[-1].l1, rel=1e-5)
+
+
+def test_resume_equals_uninterrupted(pipe, cond, tmp_path):
+    cfg = replace(FAST, beta=5.0, steps=6)
+    full = _learn(pipe, cond, cfg).maskset
+
+    ckpt = tmp_path / "m.ckpt.safetensors"
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_4(stats):
+        if stats.step == 4:
+            raise Killed
+
+    with pytest.raises(Killed):
+        _learn(pipe, cond, cfg, checkpoint_path=ckpt, checkpoint_every=3, callback=kill_at_4)
+    torch.manual_seed(12345)  # a fresh process would not share the global RNG state either
+    resumed = _learn(pipe, cond, cfg, checkpoint_path=ckpt, checkpoint_every=3, resume=True)
+    assert resumed.resumed_from == 3 and len(resumed.history) == 3
+    assert full.logits.keys() == resumed.maskset.logits.keys()
+    for k in full.logits:
+        assert torch.equal(full.logits[k], resumed.maskset.logits[k]), k
+    assert any(not torch.equal(v, torch.ones_like(v)) for v in full.logits.values()), "the run must move gates"
+
+
+def test_resume_refuses_other_model_or_options(pipe, cond, tmp_path):
+    ckpt = tmp_path / "m.ckpt.safetensors"
+    _learn(pipe, cond, replace(FAST, steps=2), checkpoint_path=ckpt, checkpoint_every=1)
+    with pytest.raises(LearnError, match="learning options"):
+        _learn(pipe, cond, replace(FAST, steps=2, beta=3.0), checkpoint_path=ckpt, checkpoint_every=1, resume=True)
+    other = build_unet(TINY["sd1"], seed=1)
+    with pytest.raises(MaskSetError, match=model_fingerprint(other)):
+        learn_masks(other, pipe.scheduler, cond, replace(FAST, steps=2), prompts_sha=prompts_sha256(PROMPTS),
+                    checkpoint_path=ckpt, checkpoint_every=1, resume=True)
+
+
+def test_maskset_roundtrip_and_fingerprint_refusal(pipe, cond, tmp_path):
+    ms = _learn(pipe, cond, replace(FAST, steps=2, kinds=("ffn", "norm"))).maskset
+    assert {k.rsplit("/", 1)[1] for k in ms.logits} == {"ffn", "norm"}
+    for key in ("beta", "steps", "sampler_steps", "prompts_sha256", "lr", "optimizer", "guidance_scale"):
+        assert key in ms.meta, key
+    assert ms.meta["prompts_sha256"] == prompts_sha256(PROMPTS)
+    path = ms.save(tmp_path / "masks.safetensors")
+    back = MaskSet.load(path, expect_fingerprint=model_fingerprint(pipe.unet))
+    assert all(torch.equal(back.logits[k], ms.logits[k]) for k in ms.logits)
+    other_fp = model_fingerprint(build_unet(TINY["sd1"], seed=3))
+    with pytest.raises(MaskSetError) as e:
+        MaskSet.load(path, expect_fingerprint=other_fp)
+    assert other_fp in str(e.value) and ms.model_fingerprint in str(e.value)
+
+
+def test_latent_drift_zero_at_init_and_positive_when_closed(pipe, cond):
+    cfg = SamplerConfig(steps=2, guidance_scale=3.0)
+    ms = _learn(pipe, cond, replace(FAST, beta=0.0, steps=1)).maskset
+    assert latent_drift(pipe.unet, pipe.scheduler, cond, ms.gate_values(), cfg)["mse"] == 0.0
+    closed = {k: torch.zeros_like(v) for k, v in ms.gate_values().items() if k.endswith("/ffn")}
+    d = latent_drift(pipe.unet, pipe.scheduler, cond, closed, cfg)
+    assert d["mse"] > 0 and d["rel"] > 0
+
+
+def test_controls_match_counts_and_drift():
+    vals = {"a/ffn": torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0]), "b/norm": torch.tensor([1.0, 0.0, 1.0, 1.0])}
+    assert closed_counts(vals) == {"a/ffn": 2, "b/norm": 1}
+    assert removed_mass(vals) == {"a/ffn": 2.5, "b/norm": 1.0}
+    rnd = random_removal(vals, seed=1, counts=closed_counts(vals))
+    assert closed_counts(rnd) == {"a/ffn": 2, "b/norm": 1}
+    assert set(torch.unique(torch.cat(list(rnd.values()))).tolist()) <= {0.0, 1.0}
+    again = random_removal(vals, seed=1, counts=closed_counts(vals))
+    assert all(torch.equal(rnd[k], again[k]) for k in vals)
+    sh = shuffled_gates(vals, seed=2)
+    for k in vals:
+        assert torch.equal(sh[k].sort().values, vals[k].sort().values)
+    assert any(not torch.equal(sh[k], vals[k]) for k in vals)
+    half = shuffled_gates(vals, seed=2, strength=0.5)
+    assert torch.allclose(half["a/ffn"], 1 - 0.5 * (1 - sh["a/ffn"]))
+
+    def drift(g):  # a monotone stand-in: drift = share of units removed
+        return float(sum((1 - v).sum() for v in g.values()) / 12)
+
+    m = match_drift(lambda s: random_removal(vals, seed=0, scale=s), drift, target=0.5, lo=0.0, hi=1.0)
+    assert abs(m.drift - 0.5) <= 1 / 12 and m.knob > 1.0  # needed more units than the learned gates close
+
+
+def test_beta_presets_and_bad_options():
+    assert [parse_beta(b) for b in ("weak", "medium", "strong", "0.3")] == [1.0, 2.0, 5.0, 0.3]
+    for bad in ("huge", "-1", "nan"):
+        with pytest.raises(LearnError):
+            parse_beta(bad)
+    with pytest.raises(LearnError, match="steps"):
+        LearnConfig(steps=0)
+    with pytest.raises(LearnError, match="targets"):
+        LearnConfig(kinds=("heads", "convs"))
+
+
+def test_default_prompt_list():
+    prompts = read_prompt_file(DEFAULT_PROMPTS)
+    assert len(prompts) >= 256 and len(set(prompts)) == len(prompts)
+    assert not any(p.startswith("#") for p in prompts)
+
+
+def test_prompt_file_errors(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# only a comment\n\n")
+    with pytest.raises(UniforgetError, match="no prompts"):
+        read_prompt_file(f)
+    with pytest.raises(UniforgetError, match="not found"):
+        read_prompt_file(tmp_path / "missing.txt")
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(pipe, tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipe")
+    pipe.save_pretrained(str(d), safe_serialization=True)
+    return d
+
+
+def test_cli_learn_end_to_end(pipe_dir, tmp_path, capsys):
+    prompts = tmp_path / "neutral.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    (pipe_dir / "uniforget_toy.json").write_text('{"guidance_scale": 3.5, "num_inference_steps": 20}')
+    out = tmp_path / "out" / "masks.safetensors"
+    argv = ["learn", "--model", str(pipe_dir), "--out", str(out), "--prompts", str(prompts), "--beta", "strong",
+            "--steps", "3", "--batch", "2", "--sampler-steps", "2", "--checkpoint-every", "2", "--device", "cpu",
+            "--targets", "ffn,norm", "--no-progress", "--history", str(tmp_path / "h.jsonl")]
+    assert main(argv) == 0
+    ms = MaskSet.load(out)
+    lines = [json.loads(x) for x in (tmp_path / "h.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3] and set(lines[-1]["closed"]) == {"ffn", "norm"}
+    assert float(ms.meta["neutral_drift_rel"]) >= 0 and ms.meta["neutral_drift_prompts"] == "6"
+    assert ms.meta["beta"] == "5.0" and ms.meta["steps"] == "3" and ms.meta["targets"] == "ffn,norm"
+    assert ms.meta["guidance_scale"] == "3.5", "guidance must default to the model's own sampling setting"
+    assert (out.parent / "masks.ckpt.safetensors").is_file()
+    assert not list(out.parent.glob("*.partial"))
+    # resuming a finished run reproduces the same MaskSet
+    assert main([*argv, "--resume"]) == 0
+    again = MaskSet.load(out)
+    assert all(torch.equal(again.logits[k], ms.logits[k]) for k in ms.logits)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--beta", "loud"], "beta"),
+    (["--targets", "ffn,convs"], "targets"),
+    (["--prompts", "/nonexistent/prompts.txt"], "prompt file not found"),
+    (["--sampler-steps", "0"], "sampler steps"),
+])
+def test_cli_bad_input_exits_2(pipe_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "masks.safetensors"
+    rc = main(["learn", "--model", str(pipe_dir), "--out", str(out), "--steps", "1", "--batch", "2",
+               "--no-progress", "--device", "cpu", *extra])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
+
+
+def test_cli_explicit_guidance_wins(pipe_dir, tmp_path):
+    prompts = tmp_path / "neutral.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "masks.safetensors"
+    assert main(["learn", "--model", str(pipe_dir), "--out", str(out), "--prompts", str(prompts), "--steps", "1",
+                 "--batch", "2", "--sampler-steps", "1", "--guidance-scale", "2", "--device", "cpu",
+                 "--checkpoint-every", "0"]) == 0
+    ms = MaskSet.load(out)
+    assert ms.meta["guidance_scale"] == "2.0"
+    assert not (tmp_path / "masks.ckpt.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_data_parallel_two_processes_equals_one(pipe_dir, tmp_path):
+    """Two CPU processes (torchrun + gloo) with the same global batch end with the single-process gates."""
+    import os
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    prompts = tmp_path / "neutral.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    common = ["learn", "--model", str(pipe_dir), "--prompts", str(prompts), "--beta", "5", "--steps", "4",
+              "--batch", "4", "--sampler-steps", "2", "--lr", "0.3", "--no-progress", "--checkpoint-every", "0",
+              "--drift-prompts", "0", "--device", "cpu", "--guidance-scale", "3"]
+    assert main([*common, "--out", str(tmp_path / "one.safetensors")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "exporter.cli",
+                           *common, "--out", str(tmp_path / "two.safetensors")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "over 2 process(es)" in proc.stdout + proc.stderr
+    one, two = MaskSet.load(tmp_path / "one.safetensors"), MaskSet.load(tmp_path / "two.safetensors")
+    moved = sum(float((v - 1).abs().sum()) for v in one.logits.values())
+    assert moved > 1.0
+    for k in one.logits:
+        torch.testing.assert_close(two.logits[k], one.logits[k], rtol=0, atol=1e-4)
+
+
+def test_control_gates_roundtrip_through_logits():
+    from uniforget.gates import hard_concrete
+
+    vals = {"a/ffn": torch.tensor([0.0, 0.03, 0.25, 0.5, 0.9, 0.999, 1.0]), "b/norm": torch.tensor([1.0, 0.0])}
+    logits = gates_to_logits(vals)
+    for k, v in vals.items():
+        torch.testing.assert_close(hard_concrete(logits[k]), v, rtol=0, atol=1e-5)
+    assert torch.equal(hard_concrete(logits["b/norm"]), torch.tensor([1.0, 0.0]))
+
+
+def test_cli_controls_match_learned_drift(pipe_dir, tmp_path):
+    prompts = tmp_path / "neutral.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "masks.safetensors"
+    assert main(["learn", "--model", str(pipe_dir), "--out", str(out), "--prompts", str(prompts), "--beta", "20",
+                 "--lr", "0.2", "--steps", "8", "--batch", "2", "--sampler-steps", "2", "--device", "cpu",
+                 "--targets", "ffn", "--checkpoint-every", "0", "--controls", "--no-progress"]) == 0
+    learned = MaskSet.load(out)
+    target = float(learned.meta["neutral_drift_mse"])
+    assert target > 0
+    for name in ("random", "shuffled"):
+        c = MaskSet.load(tmp_path / f"masks.control-{name}.safetensors", expect_fingerprint=learned.model_fingerprint)
+        assert c.meta["control"] == name and c.logits.keys() == learned.logits.keys()
+        assert abs(float(c.meta["control_drift_mse"]) - target) <= 0.25 * target, (name, c.meta)
+        same = all(torch.equal(c.gate_values()[k], learned.gate_values()[k]) for k in c.logits)
+        assert not same, f"the {name} control must differ from the learned gates"

@@ -1,0 +1,535 @@
+"""Mask learning: which UNet units can the model lose while its outputs on *neutral* prompts stay the same.
+
+    min_M  E_c [ mean((F_gated(z0, N, c) - F_orig(z0, N, c))^2) + beta * mean(sigmoid(0.4 M + 1)) ]
+
+F is the N-step differentiable sampler (sampler.py), c runs over neutral prompts only, z0 is shared by the
+gated and the frozen original model. Gates are hard-concrete (gates.py), one per head / FFN neuron / norm
+channel (targets.py), applied through hooks (gating.py) so the UNet's weights are never touched.
+
+Defaults differ from the paper's FLUX recipe on purpose (METHOD.md, trial findings): Adam's *coupled*
+weight decay 1e-2 drives every gate to ~0.09 because the L1 term is a mean over thousands of gates, and
+lr 0.5 closes almost everything because gates start in the clamped region where only the L1 gradient
+acts and Adam moves each by ~lr per step. We default to AdamW (decoupled decay), lr 0.05 with cosine
+annealing. Checkpoints (safetensors + JSON metadata, no pickle) make a resumed run bit-identical to an
+uninterrupted one. Under `accelerate launch` each process draws the same global batch and takes its
+slice; gate gradients are averaged across processes, so the gates stay identical everywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .errors import MaskSetError, UniforgetError
+from .fingerprint import model_fingerprint
+from .gates import M_MAX, M_MIN, GateConfig, hard_concrete, relaxed_mask
+from .gating import GateSource, attach_gates
+from .masks import MaskSet
+from .sampler import Conditioning, SamplerConfig, latent_shape, sample
+from .targets import KINDS, GateTarget, discover_targets
+
+log = logging.getLogger(__name__)
+
+BETA_PRESETS = {"weak": 1.0, "medium": 2.0, "strong": 5.0}
+OPTIMIZERS = ("adamw", "adam")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_CKPT_FORMAT = "uniforget.learn-checkpoint/1"
+
+
+class LearnError(UniforgetError):
+    """Mask learning cannot start or resume with the given options, prompts or checkpoint."""
+
+
+def parse_beta(value: str | float) -> float:
+    """'weak' | 'medium' | 'strong' (1, 2, 5 as in the paper) or a non-negative number."""
+    if isinstance(value, str) and value.lower() in BETA_PRESETS:
+        return BETA_PRESETS[value.lower()]
+    try:
+        beta = float(value)
+    except ValueError:
+        raise LearnError(f"beta must be weak, medium, strong or a number, got {value!r}") from None
+    if not math.isfinite(beta) or beta < 0:
+        raise LearnError(f"beta must be a finite number >= 0, got {value!r}")
+    return beta
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """Everything that determines the learned MaskSet (a resumed run must use the same values)."""
+
+    beta: float = 2.0
+    steps: int = 300
+    lr: float = 0.05              # METHOD.md: 0.5 prunes massively, 0.05 + cosine gave graded results
+    lr_min: float = 0.0           # cosine annealing floor
+    optimizer: str = "adamw"      # "adamw" = decoupled decay (default); "adam" = the paper's coupled decay
+    weight_decay: float = 0.0
+    batch: int = 8                # global batch (split across processes under accelerate)
+    kinds: tuple[str, ...] = KINDS
+    sampler: SamplerConfig = SamplerConfig()
+    seed: int = 0
+    precision: str = "fp32"       # autocast dtype for the UNet: fp32 | bf16 | fp16
+    height: int | None = None     # latent size; None = the UNet's sample_size
+    width: int | None = None
+    gate_config: GateConfig = GateConfig()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.steps < 1:
+            problems.append(f"steps must be >= 1 (got {self.steps})")
+        if self.batch < 1:
+            problems.append(f"batch must be >= 1 (got {self.batch})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.weight_decay < 0:
+            problems.append(f"weight decay must be >= 0 (got {self.weight_decay})")
+        if self.beta < 0:
+            problems.append(f"beta must be >= 0 (got {self.beta})")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {tuple(PRECISIONS)} (got {self.precision!r})")
+        bad = [k for k in self.kinds if k not in KINDS]
+        if bad or not self.kinds:
+            problems.append(f"targets must be a non-empty subset of {KINDS} (got {list(self.kinds)})")
+        if problems:
+            raise LearnError("; ".join(problems))
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["kinds"] = list(self.kinds)
+        return json.dumps(d, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step, as the progress bar and the loss curve see it."""
+
+    step: int                      # 1-based, after the update
+    loss: float
+    mse: float                     # reconstruction part: mean squared final-latent difference
+    l1: float                      # mean relaxed mask (before multiplying by beta)
+    lr: float
+    closed: dict[str, float]       # share of gates exactly 0, per kind
+    mean_gate: dict[str, float]    # mean gate value, per kind
+
+
+@dataclass(frozen=True)
+class LearnResult:
+    maskset: MaskSet
+    history: tuple[StepStats, ...]
+    wall_s: float
+    resumed_from: int = 0          # step the run resumed at (0 = fresh)
+
+
+class GateParams:
+    """The learnable M per target (fp32, initialised to `GateConfig.init`, i.e. every gate exactly 1)."""
+
+    def __init__(self, targets: Sequence[GateTarget], cfg: GateConfig, device: torch.device | str = "cpu"):
+        self.targets = list(targets)
+        self.cfg = cfg
+        self.params: dict[str, torch.nn.Parameter] = {
+            t.key: torch.nn.Parameter(torch.full((t.size,), cfg.init, dtype=torch.float32, device=device))
+            for t in self.targets
+        }
+        self.kind_of = {t.key: t.kind for t in self.targets}
+
+    def sources(self) -> dict[str, GateSource]:
+        """Callables for `attach_gates`: each forward recomputes the gate from the current M."""
+        return {k: (lambda p=p: hard_concrete(p, self.cfg)) for k, p in self.params.items()}
+
+    def l1(self) -> torch.Tensor:
+        """Mean relaxed mask over all gates (the paper's ||sigma_hat(M)||_1 / |M|)."""
+        return relaxed_mask(torch.cat(list(self.params.values())), self.cfg).mean()
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        for p in self.params.values():
+            p.clamp_(M_MIN, M_MAX)
+
+    @torch.no_grad()
+    def summary(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(share of gates exactly 0, mean gate value) per kind."""
+        return kind_summary({k: hard_concrete(p, self.cfg) for k, p in self.params.items()}, self.kind_of)
+
+
+def kind_summary(values: dict[str, torch.Tensor], kind_of: dict[str, str] | None = None
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """Per kind: share of gates exactly 0 (the paper's Table 5 view) and mean gate value."""
+    kind_of = kind_of or {k: k.rsplit("/", 1)[1] for k in values}
+    closed: dict[str, list[float]] = {}  # kind -> [closed, total, sum of gate values]
+    for k, v in values.items():
+        c = closed.setdefault(kind_of[k], [0.0, 0.0, 0.0])
+        c[0] += int((v == 0).sum())
+        c[1] += v.numel()
+        c[2] += float(v.sum())
+    return ({k: c[0] / c[1] for k, c in closed.items()}, {k: c[2] / c[1] for k, c in closed.items()})
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+
+
+def _draw(gen: torch.Generator, n_prompts: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch for one step: prompt indices (B,) and shared start noise z0 (B, C, h, w)."""
+    idx = torch.randint(n_prompts, (shape[0],), generator=gen)
+    z0 = torch.randn(shape, generator=gen)
+    return idx, z0
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(path: Path, step: int, gates: GateParams, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, ident: dict[str, str]) -> None:
+    """Gate params + optimizer tensors + RNG states in safetensors; scalars in the JSON header."""
+    keys = list(gates.params)
+    tensors = {f"gate/{k}": p.detach().cpu().contiguous() for k, p in gates.params.items()}
+    sd = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for i, st in sd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt/{keys[i]}/{name}"] = v.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(keys[i], {})[name] = v
+    tensors["rng/data"] = gen.get_state()
+    tensors["rng/torch"] = torch.get_rng_state()
+    meta = {
+        "format": _CKPT_FORMAT, "step": str(step), "library_version": __version__,
+        "param_groups": json.dumps(sd["param_groups"]), "opt_scalars": json.dumps(scalars),
+        "lr_scheduler": json.dumps(sched.state_dict()), **ident,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, gates: GateParams, opt: torch.optim.Optimizer,
+                     sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
+                     ident: dict[str, str]) -> int:
+    """Restore everything `_save_checkpoint` wrote; refuse a checkpoint of another model, prompts or config."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LearnError(f"{path} is not a readable learning checkpoint: {e}") from e
+    if meta.get("format") != _CKPT_FORMAT:
+        raise LearnError(f"{path} is not a uniforget learning checkpoint (format {meta.get('format')!r})")
+    if meta.get("model_fingerprint") != ident["model_fingerprint"]:
+        raise MaskSetError(f"checkpoint {path} was made for model {meta.get('model_fingerprint')} but this model is "
+                           f"{ident['model_fingerprint']}; delete it or drop --resume")
+    for name, what in (("prompts_sha256", "prompt list"), ("learn_config", "learning options")):
+        if meta.get(name) != ident[name]:
+            raise LearnError(f"checkpoint {path} was made with another {what}; resume with the same {what}, "
+                             "or drop --resume to start over")
+    keys = list(gates.params)
+    with torch.no_grad():
+        for k, p in gates.params.items():
+            p.copy_(tensors[f"gate/{k}"])
+    scalars = json.loads(meta["opt_scalars"])
+    state: dict[int, dict[str, Any]] = {}
+    for i, k in enumerate(keys):
+        st = {name.rsplit("/", 1)[1]: v for name, v in tensors.items() if name.startswith(f"opt/{k}/")
+              and name.count("/") == k.count("/") + 2}
+        st.update(scalars.get(k, {}))
+        if st:
+            state[i] = st
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    sched.load_state_dict(json.loads(meta["lr_scheduler"]))
+    gen.set_state(tensors["rng/data"])
+    torch.set_rng_state(tensors["rng/torch"])
+    return int(meta["step"])
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], cfg: LearnConfig) -> torch.optim.Optimizer:
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+
+
+def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig, *, prompts_sha: str = "",
+                checkpoint_path: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
+                callback: Callable[[StepStats], None] | None = None, accelerator: Any = None,
+                extra_meta: dict[str, str] | None = None) -> LearnResult:
+    """Learn gates on the neutral prompts in `cond`; return the MaskSet (gate logits + provenance).
+
+    `callback(stats)` runs after every step (progress bars; raising from it stops the run, the last
+    checkpoint stays). With `resume=True` and an existing checkpoint, the run continues from it and
+    ends with exactly the MaskSet an uninterrupted run would have produced.
+    """
+    device = torch.device(accelerator.device) if accelerator is not None else next(unet.parameters()).device
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    is_main = accelerator.is_main_process if accelerator is not None else True
+    if cfg.batch % world:
+        raise LearnError(f"batch {cfg.batch} is not divisible by the {world} processes")
+
+    fingerprint = model_fingerprint(unet)
+    unet.requires_grad_(False).eval().to(device)
+    cond = cond.to(device)
+    targets = discover_targets(unet, cfg.kinds)
+    if not targets:
+        raise LearnError(f"this UNet has no gate targets of kind(s) {list(cfg.kinds)} (no transformer blocks?)")
+    gates = GateParams(targets, cfg.gate_config, device)
+    opt = _make_optimizer(list(gates.params.values()), cfg)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    ident = {"model_fingerprint": fingerprint, "prompts_sha256": prompts_sha, "learn_config": cfg.to_json()}
+
+    ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
+    start = 0
+    if resume and ckpt is not None and ckpt.is_file():
+        start = _load_checkpoint(ckpt, gates, opt, sched, gen, ident)
+        log.info("resumed from %s at step %d of %d", ckpt, start, cfg.steps)
+    elif resume:
+        log.warning("--resume: no checkpoint at %s, starting from step 0", ckpt)
+
+    shape = latent_shape(unet, cfg.batch, cfg.height, cfg.width)
+    log.info("learning %d gates (%s) on %d neutral prompts: %d steps, batch %d over %d process(es), N=%d, beta %g",
+             sum(t.size for t in targets), ",".join(cfg.kinds), len(cond), cfg.steps, cfg.batch, world,
+             cfg.sampler.steps, cfg.beta)
+    local = slice(rank * (cfg.batch // world), (rank + 1) * (cfg.batch // world))
+    history: list[StepStats] = []
+    t0 = time.perf_counter()
+    for step in range(start, cfg.steps):
+        idx, z0 = _draw(gen, len(cond), shape)
+        c = cond.select(idx[local])
+        z0 = z0[local].to(device)
+        with torch.no_grad(), _autocast(device, cfg.precision):
+            ref = sample(unet, scheduler, z0, c, cfg.sampler).float()
+        opt.zero_grad(set_to_none=True)
+        # backward inside the hooks' lifetime: activation checkpointing re-runs the gated UNet there
+        with attach_gates(unet, gates.sources(), targets):
+            with _autocast(device, cfg.precision):
+                out = sample(unet, scheduler, z0, c, cfg.sampler).float()
+            mse = (out - ref).pow(2).mean()
+            l1 = gates.l1()
+            loss = mse + cfg.beta * l1
+            loss.backward()
+        if world > 1:
+            for p in gates.params.values():
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        gates.clamp_()
+        closed, mean_gate = gates.summary()
+        stats = StepStats(step + 1, loss.item(), mse.item(), l1.item(), float(lr), closed, mean_gate)
+        history.append(stats)
+        if ckpt is not None and checkpoint_every > 0 and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
+            if is_main:
+                _save_checkpoint(ckpt, step + 1, gates, opt, sched, gen, ident)
+            if accelerator is not None:
+                accelerator.wait_for_everyone()
+        if callback is not None:
+            callback(stats)
+    wall = time.perf_counter() - t0
+
+    last = history[-1] if history else None
+    meta = {
+        "beta": repr(cfg.beta), "steps": str(cfg.steps), "sampler_steps": str(cfg.sampler.steps),
+        "prompts_sha256": prompts_sha, "lr": repr(cfg.lr), "lr_min": repr(cfg.lr_min), "optimizer": cfg.optimizer,
+        "weight_decay": repr(cfg.weight_decay), "batch": str(cfg.batch), "seed": str(cfg.seed),
+        "guidance_scale": repr(cfg.sampler.guidance_scale), "scheduler": type(scheduler).__name__,
+        "targets": ",".join(cfg.kinds), "precision": cfg.precision, "n_prompts": str(len(cond)),
+        "learn_config": cfg.to_json(),
+        **({"final_mse": repr(last.mse), "final_l1": repr(last.l1)} if last else {}),
+        **(extra_meta or {}),
+    }
+    ms = MaskSet(logits={k: p.detach().cpu().clone() for k, p in gates.params.items()},
+                 model_fingerprint=fingerprint, gate_config=cfg.gate_config, meta=meta)
+    return LearnResult(ms, tuple(history), wall, start)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+class DriftMeter:
+    """Output drift of gated models vs the original on fixed prompts and z0 (the original sampled once).
+
+    Calling it with gates returns `mse` (mean squared final-latent difference, the learning loss's first
+    term) and `rel` (RMS difference / RMS of the original latents). Gates None or empty = drift 0.
+    Matching controls to a drift evaluates many gate sets, so the reference latents are cached.
+    """
+
+    @torch.no_grad()
+    def __init__(self, unet: Any, scheduler: Any, cond: Conditioning, sampler_cfg: SamplerConfig | None = None, *,
+                 seed: int = 1234, batch: int = 8, height: int | None = None, width: int | None = None):
+        self.unet, self.scheduler, self.cfg = unet, scheduler, sampler_cfg or SamplerConfig()
+        device = next(unet.parameters()).device
+        gen = torch.Generator().manual_seed(seed)
+        z_all = torch.randn(latent_shape(unet, len(cond), height, width), generator=gen)
+        self.batches = []
+        for lo in range(0, len(cond), batch):
+            idx = list(range(lo, min(lo + batch, len(cond))))
+            c, z0 = cond.select(idx).to(device), z_all[idx].to(device)
+            self.batches.append((c, z0, sample(unet, scheduler, z0, c, self.cfg)))
+
+    @torch.no_grad()
+    def __call__(self, gates: dict[str, GateSource] | None) -> dict[str, float]:
+        sq, ref_sq, n = 0.0, 0.0, 0
+        for c, z0, ref in self.batches:
+            if gates:
+                with attach_gates(self.unet, gates):
+                    out = sample(self.unet, self.scheduler, z0, c, self.cfg)
+                sq += float((out - ref).pow(2).sum())
+            ref_sq += float(ref.pow(2).sum())
+            n += ref.numel()
+        return {"mse": sq / n, "rel": math.sqrt(sq / max(ref_sq, 1e-30))}
+
+
+def latent_drift(unet: Any, scheduler: Any, cond: Conditioning, gates: dict[str, GateSource] | None,
+                 sampler_cfg: SamplerConfig | None = None, **kw: Any) -> dict[str, float]:
+    """One-off `DriftMeter(unet, scheduler, cond, sampler_cfg, **kw)(gates)`."""
+    return DriftMeter(unet, scheduler, cond, sampler_cfg, **kw)(gates)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@dataclass(frozen=True)
+class LearnRequest:
+    """What `uniforget learn` asks for: a model, neutral prompts, options, and where to write the MaskSet."""
+
+    model: str = "toy"
+    out: Path = Path("masks.safetensors")
+    config: LearnConfig = field(default_factory=LearnConfig)
+    prompts_file: Path | None = None
+    checkpoint_every: int = 50
+    resume: bool = False
+    device: str | None = None      # None = accelerate's choice (GPU if present)
+    guidance_scale: float | None = None  # None = the model's own default (toy: uniforget_toy.json), else config's
+    history: Path | None = None    # per-step stats as JSON lines (appended on --resume)
+    drift_prompts: int = 16        # neutral drift of the final gates on this many training prompts (0 = skip)
+    controls: bool = False         # also write random-removal and shuffled-gates controls at matched drift
+
+
+def checkpoint_path_for(out: Path) -> Path:
+    """Where the resumable state of a run writing `out` lives (beside it)."""
+    return out.with_name(out.name.removesuffix(".safetensors") + ".ckpt.safetensors")
+
+
+def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = None) -> LearnResult:
+    """Load the pipeline, encode the neutral prompts, learn, write the MaskSet atomically (main process)."""
+    from .models import load_pipeline
+    from .prompts import load_prompts
+    from .sampler import encode_prompts
+
+    prompts = load_prompts(req.prompts_file, model=req.model)  # fail fast, before loading any weights
+    accelerator = _accelerator(req.device)
+    pipe = load_pipeline(req.model)
+    device = accelerator.device
+    pipe.to(device)
+    log.info("encoding %d neutral prompts with the frozen text encoder", len(prompts))
+    chunks = [encode_prompts(pipe, prompts[i:i + 64], device, req.config.height, req.config.width)
+              for i in range(0, len(prompts), 64)]
+    cond = _concat(chunks)
+    cfg = _with_model_guidance(req)
+    record = _history_writer(req.history, req.resume and accelerator.is_main_process, callback) \
+        if req.history is not None and accelerator.is_main_process else callback
+    result = learn_masks(pipe.unet, pipe.scheduler, cond, cfg, prompts_sha=prompts_sha256(prompts),
+                         checkpoint_path=checkpoint_path_for(req.out), checkpoint_every=req.checkpoint_every,
+                         resume=req.resume, callback=record, accelerator=accelerator,
+                         extra_meta={"model": str(req.model)})
+    meta = {**result.maskset.meta, "wall_s": f"{result.wall_s:.1f}"}
+    controls: dict[str, MaskSet] = {}
+    n = min(req.drift_prompts, len(cond))
+    if n > 0 or req.controls:
+        if n == 0:
+            raise LearnError("--controls needs --drift-prompts > 0 (controls are matched on neutral drift)")
+        # how far the gated model's outputs moved on (a sample of) the neutral prompts it learned from
+        meter = DriftMeter(pipe.unet, pipe.scheduler, cond.select(list(range(n))), cfg.sampler, seed=cfg.seed + 1,
+                           height=cfg.height, width=cfg.width)
+        d = meter(result.maskset.gate_values())
+        meta.update({"neutral_drift_mse": f"{d['mse']:.6g}", "neutral_drift_rel": f"{d['rel']:.6g}",
+                     "neutral_drift_prompts": str(n)})
+        log.info("neutral drift on %d training prompts (N=%d): mse %.4g, relative %.4g", n, cfg.sampler.steps,
+                 d["mse"], d["rel"])
+        if req.controls:
+            from .controls import matched_controls
+
+            controls = matched_controls(result.maskset, lambda g: meter(g)["mse"], d["mse"], seed=cfg.seed)
+    ms = replace(result.maskset, meta=meta)
+    if accelerator.is_main_process:
+        ms.save(req.out)
+        log.info("wrote %s (%d gate targets)", req.out, len(ms.logits))
+        for name, cms in controls.items():
+            path = control_path_for(req.out, name)
+            cms.save(path)
+            log.info("wrote control %s: %s (neutral drift mse %s, learned %s)", name, path,
+                     cms.meta["control_drift_mse"], meta["neutral_drift_mse"])
+    return replace(result, maskset=ms)
+
+
+def control_path_for(out: Path, name: str) -> Path:
+    """`masks.safetensors` -> `masks.control-random.safetensors` (a MaskSet `uniforget validate` can read)."""
+    return out.with_name(out.name.removesuffix(".safetensors") + f".control-{name}.safetensors")
+
+
+def _history_writer(path: Path, append: bool, then: Callable[[StepStats], None] | None
+                    ) -> Callable[[StepStats], None]:
+    """A step callback that appends each step's stats as one JSON line (the loss curve), then calls `then`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not append:
+        path.write_text("")
+
+    def write(stats: StepStats) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(asdict(stats)) + "\n")
+        if then is not None:
+            then(stats)
+
+    return write
+
+
+def _with_model_guidance(req: LearnRequest) -> LearnConfig:
+    """Learn with the guidance the model is sampled with: an explicit value, else the model folder's own."""
+    from .evaluate import sampling_defaults
+    from .models import resolve_model_path
+
+    guidance = req.guidance_scale
+    if guidance is None:
+        path = resolve_model_path(req.model)
+        guidance = sampling_defaults(path if Path(path).is_dir() else None).get("guidance_scale")
+        if guidance is not None:
+            log.info("guidance scale %.3g from the model's sampling defaults", float(guidance))
+    if guidance is None:
+        return req.config
+    return replace(req.config, sampler=replace(req.config.sampler, guidance_scale=float(guidance)))
+
+
+def _accelerator(device: str | None) -> Any:
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=(device == "cpu"))
+
+
+def _concat(parts: list[Conditioning]) -> Conditioning:
+    cat = lambda ds: {k: torch.cat([d[k] for d in ds]) for k in ds[0]}  # noqa: E731
+    uncond = None if parts[0].uncond is None else torch.cat([p.uncond for p in parts])
+    return Conditioning(torch.cat([p.cond for p in parts]), uncond,
+                        cat([p.added for p in parts]), cat([p.added_uncond for p in parts]))
