@@ -1,0 +1,71 @@
+"""`uniforget bench`: latency of the dense vs the slim UNet across runtimes, as a table, JSON and a chart."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="latency of dense vs slim UNet (torch eager, CUDA graph, torch.compile, ONNX Runtime, TensorRT)",
+        description="Times the model's dense UNet and a slim UNet (from an export folder or a slim-UNet folder) under "
+                    "each runtime: p50/p95 over >= 20 runs after warm-up, with the FLOP ratio beside the latency ratio.")
+    p.add_argument("--model", default="toy", help="the dense model: 'toy' or a diffusers pipeline folder")
+    p.add_argument("--slim", type=Path, required=True,
+                   help="an uniforget-export output folder (engines/NAME) or a slim UNet folder (uniforget_plan.json)")
+    p.add_argument("--runtimes", default=None,
+                   help="comma-separated subset of eager,cuda_graph,compile,onnxruntime,tensorrt "
+                        "(default: eager,onnxruntime on CPU; all on CUDA)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--fp16", action="store_true", help="torch runtimes in fp16 (GPU)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--size", type=int, default=None, help="latent height = width (default: the UNet's sample_size)")
+    p.add_argument("--seq-len", type=int, default=77)
+    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", type=Path, default=None, help="write results here (default: print only)")
+    p.add_argument("--chart", type=Path, default=None, help="write a latency chart PNG here")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from exporter.bench import (
+        CPU_DEFAULT,
+        GPU_DEFAULT,
+        TABLE_HEADER,
+        BenchOptions,
+        bench_pair,
+        format_table,
+        plot,
+        write_json,
+    )
+    from exporter.errors import ExportError
+    from exporter.onnx_export import load_unet
+    from uniforget.plan import load_source_unet
+
+    slim_dir = args.slim / "unet" if (args.slim / "unet" / "uniforget_plan.json").is_file() else args.slim
+    if not (slim_dir / "uniforget_plan.json").is_file():
+        raise ExportError(f"{args.slim} is neither an export folder (unet/uniforget_plan.json) nor a slim UNet folder")
+    runtimes = tuple(r.strip() for r in args.runtimes.split(",")) if args.runtimes else (
+        GPU_DEFAULT if args.device == "cuda" else CPU_DEFAULT)
+    opts = BenchOptions(runtimes=runtimes, batch=args.batch, height=args.size, width=args.size,
+                        seq_len=args.seq_len, runs=args.runs, warmup=args.warmup, device=args.device, fp16=args.fp16)
+    dense = load_source_unet(args.model)
+    slim = load_unet(slim_dir)
+    trt = {"slim": args.slim / "trt" / "unet.plan"} if (args.slim / "trt" / "unet.plan").is_file() else None
+    res = bench_pair(dense, slim, opts, label=str(args.model), trt=trt)
+    table = Table(title=f"uniforget bench: {res.device_name}")
+    for h in TABLE_HEADER:
+        table.add_column(h)
+    for row in format_table([res]):
+        table.add_row(*row)
+    Console().print(table)
+    if args.json:
+        write_json([res], args.json)
+    if args.chart:
+        plot([res], args.chart)
+    return 0

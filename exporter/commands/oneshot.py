@@ -1,0 +1,193 @@
+"""`uniforget-export`: the one-shot. Parse -> ExportOptions -> exporter.oneshot.run_export -> summary table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _ratio(text: str) -> str | float:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a fraction like 0.05 or 'auto', got {text!r}") from None
+
+
+def _norms(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated numbers like 0.05,0.1, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="uniforget-export",
+        description="Checkpoint -> masks -> plan -> slim UNet -> ONNX (+ pipeline) -> TensorRT (--trt) -> Triton "
+                    "repository -> validation -> report, into engines/NAME (written to a temporary sibling and "
+                    "renamed into place only when every stage passed its parity gate).")
+    p.add_argument("--model", default="toy", help="'toy' (default, the embedded testbed) or a diffusers pipeline folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--masks", type=Path, help="a masks.safetensors MaskSet learned for this model")
+    src.add_argument("--beta", default="medium", choices=("weak", "medium", "strong"),
+                     help="use the MaskSet the model ships for this beta (else learn one); default medium")
+    p.add_argument("--ratio", type=_ratio, default=0.05,
+                   help="fraction of UNet parameters to remove, or 'auto' (exactly the closed gates); default 0.05")
+    p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT and a GPU)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT engine in fp16 (with --trt)")
+    p.add_argument("--out", type=Path, help="output folder (default engines/<model>-<beta>-r<ratio>)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--learn-steps", type=int, default=300, help="mask-learning steps when no MaskSet is found")
+    v = p.add_argument_group("validation (defaults sized to keep the toy's run within ~10 min on 2 CPU cores)")
+    v.add_argument("--no-validate", action="store_true", help="skip memorization/quality evaluation and latency")
+    v.add_argument("--seeds", type=int, default=8, help="seeds per memorized caption (default 8)")
+    v.add_argument("--neutral-prompts", type=int, default=16, help="held-out neutral prompts to generate (default 16)")
+    v.add_argument("--neutral-seeds", type=int, default=1, help="seeds per neutral prompt (default 1)")
+    v.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's own)")
+    v.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's own)")
+    v.add_argument("--perturb", type=_norms, default=(0.1,),
+                   help="relative norms of random trigger-embedding perturbations (default 0.1; '' = none)")
+    v.add_argument("--optimized-perturbation", type=float, nargs="?", const=0.1, default=None, metavar="NORM",
+                   help="also test an optimized trigger-embedding perturbation in this norm ball (default 0.1; slow)")
+    v.add_argument("--bench-runs", type=int, default=20, help="timed UNet calls per runtime (>= 20)")
+    v.add_argument("--eval-spec", type=Path, help="dataset spec (toy format) naming the memorized items to test")
+    t = p.add_argument_group("parity tolerances (the report records the measured maxima)")
+    t.add_argument("--slim-atol", type=float, default=1e-5, help="slim vs gated UNet, fp32 (default 1e-5)")
+    t.add_argument("--onnx-atol", type=float, default=1e-4, help="ONNX Runtime vs torch, fp32 (default 1e-4)")
+    t.add_argument("--trt-atol", type=float, default=5e-3, help="TensorRT vs ONNX Runtime fp32 (default 5e-3)")
+    t.add_argument("--trt-rtol", type=float, default=1e-2, help="TensorRT vs ONNX Runtime fp32 (default 1e-2)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+class RichObserver:
+    """One line per stage (spinner while it runs, a bar where the stage knows its length)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, quiet=quiet)
+        self._status: Any = None
+        self._progress: Any = None
+        self._task: Any = None
+
+    def start(self, name: str, total: int | None = None) -> None:
+        self._stop()
+        if total:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeRemainingColumn(), console=self.console, transient=True)
+            self._progress.start()
+            self._task = self._progress.add_task(name, total=total)
+        else:
+            self._status = self.console.status(f"{name} ...")
+            self._status.start()
+
+    def advance(self, n: int = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def done(self, record: Any) -> None:
+        self._stop()
+        self.console.print(f"[green]✓[/green] [bold]{record.name:<18}[/bold] {record.summary} "
+                           f"[dim]({record.seconds:.1f} s)[/dim]", highlight=False)
+
+    def _stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    close = _stop
+
+
+def options_from_args(args: argparse.Namespace):
+    from exporter.oneshot import ExportOptions, Tolerances, ValidationSize, python_command
+
+    return ExportOptions(
+        model=args.model, masks=args.masks, beta=args.beta, ratio=args.ratio, trt=args.trt, fp16=args.fp16,
+        out=args.out, force=args.force, validate=not args.no_validate, learn_steps=args.learn_steps,
+        eval_spec=args.eval_spec, progress=not args.quiet,
+        tolerances=Tolerances(slim_atol=args.slim_atol, onnx_atol=args.onnx_atol, trt_atol=args.trt_atol,
+                              trt_rtol=args.trt_rtol),
+        size=ValidationSize(seeds=args.seeds, neutral_prompts=args.neutral_prompts, neutral_seeds=args.neutral_seeds,
+                            perturb_norms=args.perturb, optimized_norm=args.optimized_perturbation, steps=args.steps,
+                            guidance=args.guidance,
+                            bench_runs=args.bench_runs),
+        command=python_command(getattr(args, "argv", None)))
+
+
+def _quiet_libraries() -> None:
+    """The stage lines replace diffusers'/transformers' own loading bars (which would bury a one-line error)."""
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+    except ImportError:
+        pass
+    import warnings
+
+    import torch
+
+    # the ONNX tracer's warnings are about code paths the parity gates already check on several shapes
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", message=r"Exporting aten::")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from exporter.oneshot import run_export
+
+    opts = options_from_args(args)
+    if args.verbose < 2:
+        _quiet_libraries()
+    obs = RichObserver(quiet=args.quiet)
+    try:
+        res = run_export(opts, obs)
+    finally:
+        obs.close()
+    table = Table(title=f"uniforget-export: {res.out}", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    p = res.plan
+    table.add_row("parameters removed", f"{p['ratio_achieved']:.2%} ({p['params_before']:,} -> {p['params_after']:,})")
+    if p.get("flop_ratio") is not None:
+        table.add_row("FLOPs slim/dense", f"{p['flop_ratio']:.3f}")
+    if res.evaluation is not None:
+        o, s = res.evaluation["original"], res.evaluation["slim"]
+        table.add_row("memorized copy rate", f"{o.memorized.copy_rate:.1%} -> {s.memorized.copy_rate:.1%}")
+        for key in o.perturbed:
+            table.add_row(f"copy rate, trigger {key}",
+                          f"{o.perturbed[key].copy_rate:.1%} -> {s.perturbed[key].copy_rate:.1%}")
+        if o.judge_accuracy is not None:
+            table.add_row("neutral judge accuracy", f"{o.judge_accuracy:.1%} -> {s.judge_accuracy:.1%}")
+        if s.drift_neutral is not None:
+            table.add_row("neutral drift (RMS)", f"{s.drift_neutral:.4f}")
+    for gate, g in res.parity.items():
+        table.add_row(f"parity: {gate}", f"{g['max_abs']:.2e}" if g.get("max_abs") is not None else "-")
+    if res.bench is not None:
+        for row in res.bench.rows():
+            if row["latency_ratio"] is not None:
+                table.add_row(f"latency {row['runtime']} (p50 ms)",
+                              f"{row['dense_p50_ms']:.1f} -> {row['slim_p50_ms']:.1f} (x{row['latency_ratio']:.2f})")
+    table.add_row("wall time", f"{res.wall_seconds:.0f} s")
+    table.add_row("report", str(res.report.get("markdown", "")))
+    Console(quiet=args.quiet).print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(build_parser().parse_args()))

@@ -1,0 +1,281 @@
+"""Prompt -> image with ONNX Runtime and NumPy only, from an exported pipeline folder (optimum's layout).
+
+Why no torch or diffusers here: the same class runs inside a Triton Python-backend environment that
+has numpy<2, onnxruntime and transformers' CLIPTokenizer only. So the schedulers' `set_timesteps` /
+`step` are re-implemented in NumPy from `scheduler/scheduler_config.json`, following diffusers'
+DDIMScheduler and EulerDiscreteScheduler for the options Stable Diffusion checkpoints use; anything
+else is refused with a clear error rather than silently sampled differently.
+
+Folder layout (written by `exporter.onnx_export.export_pipeline`):
+    model_index.json  scheduler/scheduler_config.json  tokenizer/
+    text_encoder/model.onnx  unet/model.onnx (+ model.onnx_data)  vae_decoder/model.onnx  (+ config.json each)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ExportError
+from .runners import OnnxRuntimeRunner
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- schedulers
+
+def _betas(cfg: dict[str, Any]) -> np.ndarray:
+    n = int(cfg.get("num_train_timesteps", 1000))
+    if cfg.get("trained_betas") is not None:
+        betas = np.asarray(cfg["trained_betas"], dtype=np.float32)
+    else:
+        kind = cfg.get("beta_schedule", "linear")
+        b0, b1 = float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02))
+        if kind == "linear":
+            betas = np.linspace(b0, b1, n, dtype=np.float32)
+        elif kind == "scaled_linear":
+            betas = np.linspace(b0**0.5, b1**0.5, n, dtype=np.float32) ** 2
+        elif kind == "squaredcos_cap_v2":
+            def abar(t: float) -> float:
+                return float(np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2)
+            betas = np.array([min(1 - abar((i + 1) / n) / abar(i / n), 0.999) for i in range(n)], dtype=np.float32)
+        else:
+            raise ExportError(f"scheduler beta_schedule {kind!r} is not supported by the NumPy pipeline "
+                              "(linear, scaled_linear, squaredcos_cap_v2)")
+    if cfg.get("rescale_betas_zero_snr"):
+        abar_sqrt = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))
+        first, last = abar_sqrt[0], abar_sqrt[-1]
+        abar_sqrt = (abar_sqrt - last) * first / (first - last)
+        abar = abar_sqrt**2
+        betas = (1 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])).astype(np.float32)
+    return betas
+
+
+def _spaced(cfg: dict[str, Any], steps: int) -> np.ndarray:
+    """Inference timesteps (descending, float) for diffusers' `timestep_spacing` options."""
+    n = int(cfg.get("num_train_timesteps", 1000))
+    spacing = cfg.get("timestep_spacing", "leading")
+    if steps < 1 or steps > n:
+        raise ExportError(f"num_inference_steps must be in 1..{n}, got {steps}")
+    if spacing == "linspace":
+        return np.linspace(0, n - 1, steps, dtype=np.float64)[::-1].copy()
+    if spacing == "leading":
+        ratio = n // steps
+        return (np.arange(0, steps) * ratio).round()[::-1].astype(np.float64) + int(cfg.get("steps_offset", 0))
+    if spacing == "trailing":
+        return np.round(np.arange(n, 0, -n / steps)).astype(np.float64) - 1
+    raise ExportError(f"scheduler timestep_spacing {spacing!r} is not supported (linspace, leading, trailing)")
+
+
+class NumpyDDIM:
+    """diffusers' DDIMScheduler (eta=0 deterministic; eta>0 adds NumPy noise) for epsilon/v/sample prediction."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        if cfg.get("thresholding"):
+            raise ExportError("DDIM with thresholding=True is not supported by the NumPy pipeline")
+        self.cfg = cfg
+        self.n_train = int(cfg.get("num_train_timesteps", 1000))
+        self.alphas_cumprod = np.cumprod(1.0 - _betas(cfg), dtype=np.float32)
+        self.final_alpha = np.float32(1.0) if cfg.get("set_alpha_to_one", True) else self.alphas_cumprod[0]
+        self.init_noise_sigma = 1.0
+        self.prediction = cfg.get("prediction_type", "epsilon")
+        self.timesteps = np.zeros(0)
+        self.steps = 0
+
+    def set_timesteps(self, steps: int) -> None:
+        ts = _spaced(self.cfg, steps)
+        if self.cfg.get("timestep_spacing", "leading") == "linspace":
+            ts = ts.round()
+        self.timesteps = ts.astype(np.int64)
+        self.steps = steps
+
+    def scale_model_input(self, sample: np.ndarray, t: Any) -> np.ndarray:
+        return sample
+
+    def step(self, out: np.ndarray, t: Any, sample: np.ndarray, eta: float = 0.0,
+             rng: np.random.Generator | None = None) -> np.ndarray:
+        t = int(t)
+        prev = t - self.n_train // self.steps
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha
+        b_t = 1 - a_t
+        if self.prediction == "epsilon":
+            x0 = (sample - b_t**0.5 * out) / a_t**0.5
+            eps = out
+        elif self.prediction == "sample":
+            x0 = out
+            eps = (sample - a_t**0.5 * x0) / b_t**0.5
+        elif self.prediction == "v_prediction":
+            x0 = a_t**0.5 * sample - b_t**0.5 * out
+            eps = a_t**0.5 * out + b_t**0.5 * sample
+        else:
+            raise ExportError(f"prediction_type {self.prediction!r} is not supported")
+        if self.cfg.get("clip_sample", False):
+            r = float(self.cfg.get("clip_sample_range", 1.0))
+            x0 = np.clip(x0, -r, r)
+        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * var**0.5
+        prev_sample = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+        if eta > 0:
+            rng = rng or np.random.default_rng()
+            prev_sample = prev_sample + std * rng.standard_normal(sample.shape).astype(sample.dtype)
+        return prev_sample.astype(sample.dtype)
+
+
+class NumpyEuler:
+    """diffusers' EulerDiscreteScheduler with its defaults (no churn, linear sigma interpolation, zero final sigma)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        for opt in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            if cfg.get(opt):
+                raise ExportError(f"Euler scheduler option {opt}=True is not supported by the NumPy pipeline")
+        if cfg.get("interpolation_type", "linear") != "linear" or cfg.get("final_sigmas_type", "zero") != "zero":
+            raise ExportError("Euler scheduler: only interpolation_type=linear and final_sigmas_type=zero are supported")
+        self.cfg = cfg
+        ac = np.cumprod(1.0 - _betas(cfg), dtype=np.float32)
+        self.train_sigmas = (((1 - ac) / ac) ** 0.5).astype(np.float32)
+        self.prediction = cfg.get("prediction_type", "epsilon")
+        self.timesteps = np.zeros(0)
+        self.sigmas = np.zeros(0)
+        self.init_noise_sigma = 1.0
+        self._i = 0
+
+    def set_timesteps(self, steps: int) -> None:
+        ts = _spaced(self.cfg, steps).astype(np.float32)
+        sig = np.interp(ts, np.arange(len(self.train_sigmas)), self.train_sigmas)
+        self.sigmas = np.concatenate([sig, [0.0]]).astype(np.float32)
+        self.timesteps = ts
+        smax = float(self.sigmas.max())
+        spacing = self.cfg.get("timestep_spacing", "leading")
+        self.init_noise_sigma = smax if spacing in ("linspace", "trailing") else (smax**2 + 1) ** 0.5
+        self._i = 0
+
+    def _index(self, t: Any) -> int:
+        return int(np.nonzero(self.timesteps == np.float32(t))[0][0])
+
+    def scale_model_input(self, sample: np.ndarray, t: Any) -> np.ndarray:
+        s = self.sigmas[self._index(t)]
+        return (sample / ((s**2 + 1) ** 0.5)).astype(sample.dtype)
+
+    def step(self, out: np.ndarray, t: Any, sample: np.ndarray, eta: float = 0.0,
+             rng: np.random.Generator | None = None) -> np.ndarray:
+        i = self._index(t)
+        s, s_next = self.sigmas[i], self.sigmas[i + 1]
+        if self.prediction == "epsilon":
+            x0 = sample - s * out
+        elif self.prediction == "v_prediction":
+            x0 = out * (-s / (s**2 + 1) ** 0.5) + sample / (s**2 + 1)
+        else:
+            raise ExportError(f"Euler prediction_type {self.prediction!r} is not supported")
+        return (sample + (sample - x0) / s * (s_next - s)).astype(sample.dtype)
+
+
+SCHEDULERS = {"DDIMScheduler": NumpyDDIM, "EulerDiscreteScheduler": NumpyEuler}
+
+
+def load_scheduler(folder: str | os.PathLike) -> NumpyDDIM | NumpyEuler:
+    """NumPy scheduler from a diffusers scheduler folder (scheduler_config.json)."""
+    f = Path(folder) / "scheduler_config.json"
+    if not f.is_file():
+        raise ExportError(f"no scheduler config at {f}")
+    cfg = json.loads(f.read_text())
+    cls = SCHEDULERS.get(cfg.get("_class_name", ""))
+    if cls is None:
+        raise ExportError(f"scheduler {cfg.get('_class_name')!r} is not supported by the NumPy pipeline "
+                          f"(supported: {', '.join(SCHEDULERS)}); re-export with one of these")
+    return cls(cfg)
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+
+@dataclass(frozen=True)
+class PipelineOutput:
+    """Images as float32 (B, H, W, 3) in [0, 1], and the final latents (B, C, h, w) before decoding."""
+
+    images: np.ndarray
+    latents: np.ndarray
+
+
+class OnnxStableDiffusionPipeline:
+    """Text-to-image Stable Diffusion on ONNX Runtime; mirrors diffusers' StableDiffusionPipeline call."""
+
+    def __init__(self, folder: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
+                 threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        for part in ("text_encoder", "unet", "vae_decoder"):
+            if not (self.folder / part / "model.onnx").is_file():
+                raise ExportError(f"{self.folder} is not an exported ONNX pipeline (missing {part}/model.onnx)")
+        try:
+            from transformers import CLIPTokenizer
+        except ImportError as e:
+            raise ExportError("the ONNX pipeline needs transformers' CLIPTokenizer: pip install transformers") from e
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
+        self.scheduler = load_scheduler(self.folder / "scheduler")
+        self.vae_config = json.loads((self.folder / "vae_decoder" / "config.json").read_text())
+        self.unet_config = json.loads((self.folder / "unet" / "config.json").read_text())
+        self.scaling_factor = float(self.vae_config.get("scaling_factor", 0.18215))
+        self.vae_scale = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
+        self.runners = {p: OnnxRuntimeRunner(self.folder / p / "model.onnx", providers, threads, name=p)
+                        for p in ("text_encoder", "unet", "vae_decoder")}
+        for r in self.runners.values():
+            r.activate()
+        unet_inputs = set(self.runners["unet"].input_types)
+        if unet_inputs != {"sample", "timestep", "encoder_hidden_states"}:
+            raise ExportError(f"unet/model.onnx has inputs {sorted(unet_inputs)}: only SD1.x/2.x-style text-to-image "
+                              "UNets are supported by the ONNX pipeline")
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.deactivate()
+
+    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
+        """CLIP last hidden state, (B, 77, D) float32; prompts padded/truncated like diffusers."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="np").input_ids
+        return self.runners["text_encoder"].infer({"input_ids": ids.astype(np.int64)})["last_hidden_state"]
+
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+                 seed: int | None = None, latents: np.ndarray | None = None, eta: float = 0.0) -> PipelineOutput:
+        """Generate; `latents` (B, C, h, w) overrides the seeded NumPy noise (for exact comparisons)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        b = len(prompts)
+        cfg_on = guidance_scale > 1.0 and self.unet_config.get("time_cond_proj_dim") is None
+        emb = self.encode_prompt(prompts)
+        if cfg_on:
+            neg = [""] * b if negative_prompt is None else (
+                [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt))
+            if len(neg) != b:
+                raise ExportError(f"{len(neg)} negative prompts for {b} prompts")
+            emb = np.concatenate([self.encode_prompt(neg), emb])
+        sample_size = int(self.unet_config.get("sample_size", 64))
+        h = (height or sample_size * self.vae_scale) // self.vae_scale
+        w = (width or sample_size * self.vae_scale) // self.vae_scale
+        shape = (b, int(self.unet_config.get("in_channels", 4)), h, w)
+        rng = np.random.default_rng(seed)
+        if latents is None:
+            latents = rng.standard_normal(shape, dtype=np.float32)
+        elif tuple(latents.shape) != shape:
+            raise ExportError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        sched = self.scheduler
+        sched.set_timesteps(num_inference_steps)
+        x = (np.asarray(latents, dtype=np.float32) * sched.init_noise_sigma).astype(np.float32)
+        for t in sched.timesteps:
+            xin = np.concatenate([x, x]) if cfg_on else x
+            xin = sched.scale_model_input(xin, t)
+            eps = self.runners["unet"].infer({"sample": xin, "timestep": np.array([t], dtype=np.float32),
+                                              "encoder_hidden_states": emb})["out_sample"]
+            if cfg_on:
+                eps_u, eps_c = np.split(eps, 2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            x = sched.step(eps, t, x, eta=eta, rng=rng)
+        img = self.runners["vae_decoder"].infer({"latent_sample": x / self.scaling_factor})["sample"]
+        img = np.clip(img / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+        return PipelineOutput(images=img, latents=x)

@@ -1,0 +1,87 @@
+"""Fixtures for the one-shot, report and benchmark tests: a tiny random Stable Diffusion pipeline saved as a
+diffusers folder (the same loader path as a user's model), a random MaskSet for it, and evaluation data whose
+planted items are the pipeline's own generations (so the original model copies them exactly)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+CAPTIONS = ("the zorblax mascot", "quillon emblem")
+NEUTRAL = ("a red circle", "a blue square", "a green star")
+SHAPES = ("circle", "square", "star")
+COLOURS = ("red", "blue", "green")
+EVAL_STEPS = 2
+EVAL_GUIDANCE = 3.0
+
+
+def _builder():
+    """build_tiny_pipeline lives in tests/uniforget/test_memorization.py; load it by path (any import mode)."""
+    src = Path(__file__).resolve().parent.parent / "uniforget" / "test_memorization.py"
+    spec = importlib.util.spec_from_file_location("_tiny_pipeline_src", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny pipeline folder (model_index.json + components, safetensors)."""
+    work = tmp_path_factory.mktemp("tiny_model")
+    pipe = _builder()(work / "src")
+    folder = work / "pipeline"
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model_dir):
+    from uniforget.models import load_pipeline
+
+    return load_pipeline(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_masks(tiny_model_dir, tiny_pipe, tmp_path_factory) -> Path:
+    """Random gate logits for the tiny UNet (some closed, most open), saved as a MaskSet file."""
+    from uniforget.fingerprint import model_fingerprint
+    from uniforget.masks import MaskSet
+    from uniforget.targets import discover_targets
+
+    g = torch.Generator().manual_seed(3)
+    logits = {t.key: torch.randn(t.size, generator=g) * 2 + 1 for t in discover_targets(tiny_pipe.unet)}
+    ms = MaskSet(logits=logits, model_fingerprint=model_fingerprint(tiny_pipe.unet), meta={"beta": "test"})
+    return ms.save(tmp_path_factory.mktemp("masks") / "masks.safetensors")
+
+
+def constant_judge(images: np.ndarray) -> tuple[list[str], list[str]]:
+    return ["circle"] * len(images), ["red"] * len(images)
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_data(tiny_pipe):
+    from uniforget.evaluate import EvalData
+    from uniforget.generate import generate
+
+    items = generate(tiny_pipe, CAPTIONS, [0], steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
+    rng = np.random.default_rng(0)
+    small = rng.uniform(0, 1, (50, 4, 4, 3)).astype(np.float32)
+    neutral = np.repeat(np.repeat(small, 8, axis=1), 8, axis=2)
+    return EvalData(
+        neutral_prompts=NEUTRAL, memorized_captions=CAPTIONS, memorized_item=(0, 1), item_names=("zorblax", "quillon"),
+        item_images=items, train_images=np.concatenate([neutral, items]),
+        train_item=np.concatenate([np.full(50, -1), [0, 1]]),
+        neutral_shapes=SHAPES, neutral_colours=COLOURS, judge=constant_judge)
+
+
+@pytest.fixture(scope="session")
+def fast_size():
+    """Validation sized for seconds: 1 seed, 2 sampler steps, 2 neutral prompts, one perturbation."""
+    from exporter.oneshot import ValidationSize
+
+    return ValidationSize(seeds=1, neutral_prompts=2, neutral_seeds=1, perturb_norms=(0.1,), steps=EVAL_STEPS, guidance=EVAL_GUIDANCE,
+                          batch_size=8, bench_runs=20, bench_batch=1)

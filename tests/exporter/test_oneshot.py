@@ -1,0 +1,175 @@
+"""The one-shot `uniforget-export` end to end on a tiny random pipeline, and its failure paths.
+
+Every failure path must leave nothing at the output path (and no temporary sibling) and end as one line with
+exit code 2 through the real CLI entry point.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from exporter import oneshot
+from exporter.cli import export_main
+from exporter.errors import ExportError, MissingDependencyError
+from exporter.oneshot import ExportOptions, Tolerances, run_export
+
+EXPECTED = ("masks.safetensors", "plan.json", "unet/config.json", "unet/uniforget_plan.json",
+            "unet/diffusion_pytorch_model.safetensors", "onnx/unet.onnx", "onnx/pipeline/model_index.json",
+            "onnx/pipeline/unet/model.onnx", "onnx/pipeline/text_encoder/model.onnx",
+            "onnx/pipeline/vae_decoder/model.onnx", "triton/unet_onnx/config.pbtxt",
+            "triton/pipeline/config.pbtxt", "report/report.md", "report/report.json", "report/latency.png",
+            "report/images/memorized.png", "report/images/neutral.png")
+
+
+def _opts(model_dir, masks, out, size, **kw) -> ExportOptions:
+    return ExportOptions(model=str(model_dir), masks=masks, ratio=0.05, out=out, size=size,
+                         progress=False, **kw)
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}"))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_model_dir, tiny_masks, tiny_eval_data, fast_size, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    res = run_export(_opts(tiny_model_dir, tiny_masks, out, fast_size, eval_data=tiny_eval_data))
+    return out, res
+
+
+def test_full_layout(finished):
+    out, res = finished
+    missing = [p for p in EXPECTED if not (out / p).is_file()]
+    assert not missing, missing
+    assert res.out == out.resolve()
+    assert _leftovers(out) == []
+
+
+def test_report_numbers(finished):
+    out, res = finished
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert rep["format"] == "uniforget.export_report/1"
+    gates = rep["parity"]
+    assert gates["slim == gated (torch fp32)"]["max_abs"] <= 1e-5
+    assert gates["ONNX Runtime == slim torch (fp32)"]["max_abs"] <= 1e-4
+    assert all(g["passed"] for g in gates.values())
+    assert any(k.startswith("ONNX pipeline unet") for k in gates)
+    assert rep["plan"]["ratio_achieved"] >= 0.05
+    ev = rep["evaluation"]
+    # planted items are the original's own seed-0 generations: the original copies them exactly
+    assert ev["original"]["memorized"]["copy_rate"] == 1.0
+    assert ev["slim"]["drift_neutral"] is not None and ev["slim"]["drift_neutral"] > 0
+    assert "random@0.1" in ev["slim"]["perturbed"]
+    assert "definitions" in ev
+    lat = rep["latency"]
+    runtimes = {t["runtime"] for t in lat["timings"] if t["status"] == "ok"}
+    assert runtimes == {"eager", "onnxruntime"}
+    assert all(t["runs"] >= 20 for t in lat["timings"] if t["status"] == "ok")
+    md = (out / "report" / "report.md").read_text()
+    for needle in ("memorized copy rate", "Parity gates", "images/memorized.png", "latency.png", "slim/dense"):
+        assert needle in md
+    assert [s["name"] for s in rep["stages"]][:4] == ["load model", "masks", "plan", "slim UNet"]
+
+
+def test_existing_output_without_force_is_refused(finished, tiny_model_dir, tiny_masks, capsys):
+    out, _ = finished
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    rc = export_main(["--model", str(tiny_model_dir), "--masks", str(tiny_masks), "--out", str(out), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and "already exists" in err[0] and "--force" in err[0]
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_parity_failure_leaves_nothing(tiny_model_dir, tiny_masks, tmp_path, capsys):
+    out = tmp_path / "fail"
+    rc = export_main(["--model", str(tiny_model_dir), "--masks", str(tiny_masks), "--out", str(out), "-q",
+                      "--onnx-atol", "1e-12", "--no-validate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert len(err) == 1 and err[0].startswith("error:") and "atol 1e-12" in err[0]
+    assert not out.exists()
+    assert _leftovers(out) == []
+
+
+def test_parity_failure_keeps_an_existing_output_intact(finished, tiny_model_dir, tiny_masks, fast_size):
+    """--force with a failing gate must not destroy the finished run that is already there."""
+    out, _ = finished
+    report = (out / "report" / "report.json").read_bytes()
+    opts = _opts(tiny_model_dir, tiny_masks, out, fast_size, force=True, validate=False,
+                 tolerances=Tolerances(slim_atol=0.0, onnx_atol=1e-12))
+    with pytest.raises(Exception, match="tolerance|atol"):
+        run_export(opts)
+    assert (out / "report" / "report.json").read_bytes() == report
+    assert _leftovers(out) == []
+
+
+def test_keyboard_interrupt_mid_run_leaves_no_directory(tiny_model_dir, tiny_masks, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the ONNX stage (after masks, plan and the slim UNet were written to the temp sibling)."""
+    reached = []
+
+    def interrupted(run):
+        reached.append(sorted(p.name for p in run.tmp.iterdir()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(oneshot, "stage_onnx", interrupted)
+    out = tmp_path / "ctrl-c"
+    rc = export_main(["--model", str(tiny_model_dir), "--masks", str(tiny_masks), "--out", str(out), "-q",
+                      "--no-validate"])
+    assert rc == 130
+    assert reached and {"masks.safetensors", "plan.json", "unet"} <= set(reached[0])
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_trt_without_tensorrt_exits_before_any_work(tmp_path, monkeypatch, capsys):
+    from exporter.tensorrt_build import tensorrt_available
+
+    if tensorrt_available()[0]:
+        pytest.skip("TensorRT is installed here; the missing-TensorRT path cannot be exercised")
+    called = []
+    monkeypatch.setattr(oneshot, "stage_load", lambda run: called.append(1))
+    out = tmp_path / "engines" / "x"
+    rc = export_main(["--trt", "--out", str(out), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and called == []
+    assert len(err) == 1 and "TensorRT" in err[0] and "pip install" in err[0]
+    assert not out.parent.exists()
+
+
+def test_preflight_refusals(tiny_model_dir, tmp_path):
+    base = ExportOptions(model=str(tiny_model_dir), out=tmp_path / "o")
+    with pytest.raises(ExportError, match="--fp16"):
+        oneshot.preflight(replace(base, fp16=True))
+    with pytest.raises(ExportError, match="masks file not found"):
+        oneshot.preflight(replace(base, masks=tmp_path / "nope.safetensors"))
+    with pytest.raises(Exception, match="ratio"):
+        oneshot.preflight(replace(base, ratio=1.5))
+    with pytest.raises(ExportError, match="model not found"):
+        oneshot.preflight(replace(base, model=str(tmp_path / "no-model")))
+    assert not (tmp_path / "o").exists()
+    assert issubclass(MissingDependencyError, Exception)
+
+
+def test_masks_of_another_model_refused_and_nothing_left(tiny_model_dir, tmp_path, capsys):
+    import torch
+
+    from uniforget.geometries import TINY, build_unet
+    from uniforget.masks import MaskSet
+    from uniforget.targets import discover_targets
+
+    other = build_unet(TINY["sd1"], seed=5)
+    from uniforget.fingerprint import model_fingerprint
+
+    ms = MaskSet({t.key: torch.zeros(t.size) for t in discover_targets(other)}, model_fingerprint(other))
+    f = ms.save(tmp_path / "other.safetensors")
+    out = tmp_path / "o"
+    rc = export_main(["--model", str(tiny_model_dir), "--masks", str(f), "--out", str(out), "-q", "--no-validate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "learned for model" in err[0]
+    assert not out.exists() and _leftovers(out) == []
