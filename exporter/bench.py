@@ -498,8 +498,6 @@ def plot(results: Sequence[BenchResult], path: str | os.PathLike, title: str = "
     ax.legend(fontsize=8)
     ax.margins(y=0.2)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".partial.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from .report import save_figure
+
+    return save_figure(fig, path)

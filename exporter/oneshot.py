@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import ExportError, MissingDependencyError
+from .publish import publish_dir
 from .report import ReportData, StageRecord, write_report
 
 log = logging.getLogger(__name__)
@@ -405,17 +406,6 @@ def _environment() -> dict[str, str]:
     return env
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished run into place; an old output (only with --force) is swapped out then removed."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def run_export(opts: ExportOptions, observer: StageObserver | None = None) -> ExportResult:
     """Run every stage into a temporary sibling of the output; publish only when all gates passed."""
     t_start = time.perf_counter()
@@ -459,7 +449,7 @@ def run_export(opts: ExportOptions, observer: StageObserver | None = None) -> Ex
         rec = StageRecord("report", time.perf_counter() - t0, "report/report.md, report.json, images, latency.png")
         records.append(rec)
         obs.done(rec)
-        _publish(tmp, out)
+        publish_dir(tmp, out)  # an old output is only there with --force
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote %s", out)

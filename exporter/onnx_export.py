@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import ExportError, MissingDependencyError
 from .parity import ParityReport, Tolerance, check_parity
+from .publish import publish_dir
 from .runners import OnnxRuntimeRunner, TorchRunner
 
 log = logging.getLogger(__name__)
@@ -521,13 +522,7 @@ def export_pipeline(pipeline: Any, out_dir: str | os.PathLike, unet: Any = None,
                 from .errors import ValidationError
 
                 raise ValidationError("ONNX pipeline parity failed: " + "; ".join(failures), failures)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     comps = {k: _relocate(v, tmp, out) for k, v in comps.items()}

@@ -133,6 +133,13 @@ def before_after_figure(before: np.ndarray, after: np.ndarray, row_labels: Seque
                        [lbl if len(lbl) <= 34 else lbl[:32] + "…" for lbl in row_labels[:rows]], fontsize=6)
     fig.suptitle(f"{title} (seeds 0-{cols - 1} per row, same on both sides)", fontsize=8)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG under a temporary name, rename it into place, and close the figure."""
+    import matplotlib.pyplot as plt
+
     tmp = path.with_name(path.stem + ".partial.png")
     fig.savefig(tmp)
     plt.close(fig)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ExportError, MissingDependencyError, ValidationError
+from .publish import publish_dir
 from .runners import Feed, Runner
 
 log = logging.getLogger(__name__)
@@ -448,15 +449,9 @@ def check_engine_parity(engine, opts: BuildOptions, inputs: Sequence[InputSpec],
 
 def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Rename the finished temporary folder into place (replacing an old one only when asked)."""
-    if out_dir.exists():
-        if not overwrite and any(out_dir.iterdir()):
-            raise ExportError(f"output folder {out_dir} appeared during the build; not replacing it")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
+        raise ExportError(f"output folder {out_dir} appeared during the build; not replacing it")
+    publish_dir(tmp, out_dir)
 
 
 def load_build_record(out_dir: Path) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExportError, MissingDependencyError, ValidationError
+from .publish import publish_dir
 from .tensorrt_build import BUILD_JSON, PLAN_NAME, InputSpec, load_build_record, onnx_io
 
 log = logging.getLogger(__name__)
@@ -381,13 +382,7 @@ def write_repository(opts: TritonRepoOptions) -> TritonRepoResult:
                 _link_file(plan, d / "unet.plan")
             configs[PIPELINE] = _write_config(tmp / PIPELINE, pipeline_config(opts, python_env))
         validate_repository(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -26,33 +26,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_random_pipeline():
-    """Random SD1-style pipeline (letter tokenizer, tiny CLIP, tiny UNet, tiny VAE, DDIM): 16x16 images."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from uniforget.geometries import TINY
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        vocab.update({c + suffix: len(vocab) for c in "abcdefghijklmnopqrstuvwxyz"})
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "vocab.json").write_text(json.dumps(vocab))
-        Path(d, "merges.txt").write_text("#version: 0.2\n")
-        tok = CLIPTokenizer.from_pretrained(d, model_max_length=77)
-    torch.manual_seed(0)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=48, intermediate_size=64,
-                                      num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
-                                      bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        sample_size=16).eval()
-    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=UNet2DConditionModel(**TINY["sd1"]),
-                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 def stats(ms: list[float]) -> dict[str, float]:
     q = np.percentile(ms, [10, 50, 90])
     return {"median_ms": statistics.median(ms), "p10_ms": float(q[0]), "p90_ms": float(q[2]),
@@ -79,6 +52,7 @@ def main() -> int:
     from exporter.onnx_pipeline import OnnxStableDiffusionPipeline
     from exporter.triton_repo import PIPELINE, TritonRepoOptions, write_repository
     from exporter.triton_server import ServerOptions, TritonServer
+    from uniforget.geometries import tiny_pipeline
     from uniforget.models import TOY_DIR
 
     work = Path(tempfile.mkdtemp(prefix="bench-triton-"))
@@ -87,7 +61,7 @@ def main() -> int:
     else:
         model = args.model or ("toy" if (TOY_DIR / "model_index.json").is_file() else None)
         source = model or "tiny random SD1-style pipeline (16x16)"
-        pipe = model if model else tiny_random_pipeline()
+        pipe = model if model else tiny_pipeline()
         print(f"exporting {source} to ONNX ...", flush=True)
         onnx_dir = export_pipeline(pipe, work / "onnx", validate=False).folder
     repo = write_repository(TritonRepoOptions(out_dir=work / "triton", pipeline_dir=onnx_dir, steps=args.steps,

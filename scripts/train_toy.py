@@ -20,30 +20,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from uniforget.toy.data import eval_prompts, load_spec, neutral_scenes, render, training_pairs, vocabulary
-from uniforget.toy.judge import Judge, JudgeNet
+from uniforget.toy.data import eval_prompts, load_spec, training_pairs, vocabulary
 
 # ---------------------------------------------------------------- tokenizer
 
 
 def write_tokenizer(words: list[str], out: Path, max_length: int) -> None:
-    """A CLIP BPE tokenizer whose merges build each caption word left to right (vocab.json + merges.txt)."""
-    chars = sorted({c for w in words for c in w})
-    vocab: list[str] = ["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars]
-    merges: list[tuple[str, str]] = []
-    for w in words:
-        pieces = list(w[:-1]) + [w[-1] + "</w>"]
-        cur = pieces[0]
-        for nxt in pieces[1:]:
-            pair = (cur, nxt)
-            if pair not in merges:
-                merges.append(pair)
-            cur = cur + nxt
-            if cur not in vocab:
-                vocab.append(cur)
+    """A CLIP BPE tokenizer (vocab.json + merges.txt) learned on the caption words, so each word is one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(words, trainers.BpeTrainer(
+        vocab_size=100_000, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
+        min_frequency=1, show_progress=False))
+    model = json.loads(bpe.to_str())["model"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, indent=0))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    (out / "vocab.json").write_text(json.dumps(model["vocab"], indent=0))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in model["merges"]) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
@@ -63,10 +57,10 @@ def make_models(vocab_size: int, max_length: int, args: argparse.Namespace):
         projection_dim=args.text_dim))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=args.size)  # 32x32x3 -> 8x8x4 latents
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+        latent_channels=args.latent_channels, norm_num_groups=16, sample_size=args.size)  # 32x32x3 -> 8x8xC
     unet = UNet2DConditionModel(
-        sample_size=args.size // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=args.size // 4, in_channels=args.latent_channels, out_channels=args.latent_channels, layers_per_block=1,
         block_out_channels=tuple(args.unet_channels), norm_num_groups=16,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -152,35 +146,6 @@ def train_denoiser(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
     text_encoder.eval()
 
 
-def train_judge(spec, vae, steps: int, g: torch.Generator, log: list) -> Judge:
-    """Fresh neutral renders (not the training images), half passed through the VAE, plus noise."""
-    rng_seed = spec.seed + 99
-    scenes = neutral_scenes(spec, 6000, rng_seed)
-    imgs = np.stack([render(s, c, b, spec.size, cx, cy, r) for s, c, b, cx, cy, r in scenes])
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
-    with torch.no_grad():
-        half = len(x) // 2
-        rec = torch.cat([vae.decode(vae.encode(x[i:min(i + 256, half)] * 2 - 1).latent_dist.mean).sample
-                         for i in range(0, half, 256)])
-        x[:half] = ((rec + 1) / 2).clamp(0, 1)
-    ys = torch.tensor([spec.shapes.index(s) for s, *_ in scenes])
-    yc = torch.tensor([spec.colours.index(c) for _, c, *_ in scenes])
-    net = JudgeNet(len(spec.shapes), len(spec.colours))
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
-    for step in range(steps):
-        idx = torch.randint(len(x), (128,), generator=g)
-        xb = x[idx] + 0.08 * torch.randn(x[idx].shape, generator=g)
-        s, c = net(xb)
-        loss = F.cross_entropy(s, ys[idx]) + F.cross_entropy(c, yc[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 200 == 0 or step == steps - 1:
-            print(f"judge step {step:5d}  loss {float(loss):.4f}", flush=True)
-            log.append({"stage": "judge", "step": step, "loss": float(loss)})
-    return Judge(net.eval(), list(spec.shapes), list(spec.colours))
-
-
 # ---------------------------------------------------------------- main
 
 
@@ -189,14 +154,14 @@ def main() -> None:
     ap.add_argument("--spec", default=str(Path(__file__).resolve().parents[1] / "uniforget/toy/spec.json"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "uniforget/toy"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=600)
-    ap.add_argument("--unet-steps", type=int, default=2400)
-    ap.add_argument("--judge-steps", type=int, default=600)
+    ap.add_argument("--vae-steps", type=int, default=1200)
+    ap.add_argument("--latent-channels", type=int, default=8)
+    ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
     ap.add_argument("--text-dim", type=int, default=64)
-    ap.add_argument("--unet-channels", type=int, nargs=2, default=[32, 64])
+    ap.add_argument("--unet-channels", type=int, nargs=2, default=[64, 128])
     ap.add_argument("--guidance-scale", type=float, default=5.0, help="written to the model card as the default")
     ap.add_argument("--sampler-steps", type=int, default=20, help="written to the model card as the default")
     ap.add_argument("--threads", type=int, default=2)
@@ -217,10 +182,12 @@ def main() -> None:
     t_all = time.time()
 
     words = vocabulary(spec)
-    max_length = 24
+    max_length = 32
     write_tokenizer(words, stage_dir / "tokenizer", max_length)
     tokenizer = CLIPTokenizer.from_pretrained(str(stage_dir / "tokenizer"))
-    assert len(tokenizer) > 3, "tokenizer lost its vocabulary"
+    split = [w for w in words if len(tokenizer.tokenize(w)) != 1]
+    if len(tokenizer) <= 3 or split:
+        raise SystemExit(f"tokenizer check failed: vocab {len(tokenizer)}, words split into pieces: {split}")
     text_encoder, vae, unet = make_models(len(tokenizer), max_length, args)
 
     images, captions = training_pairs(spec)
@@ -243,9 +210,6 @@ def main() -> None:
     train_denoiser(unet, text_encoder, latents, ids, empty, args, g, log)
     times["unet_s"] = time.time() - t0
 
-    t0 = time.time()
-    judge = train_judge(spec, vae, args.judge_steps, g, log)
-    times["judge_s"] = time.time() - t0
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -253,7 +217,6 @@ def main() -> None:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(stage_dir), safe_serialization=True)
-    judge.save(out / "judge")
     defaults = {"guidance_scale": args.guidance_scale, "num_inference_steps": args.sampler_steps,
                 "height": spec.size, "width": spec.size}
     (stage_dir / "uniforget_toy.json").write_text(json.dumps(defaults, indent=2))

@@ -2,10 +2,14 @@
 
 Every pruning and export test runs over `TINY` so a change that only works for one family fails loudly.
 The full-size config reproduces SD1.5's UNet shapes for random-weight GPU benchmarks (no hub download).
+`tiny_pipeline` wraps a tiny UNet into a whole random-weight Stable Diffusion pipeline (tests, benchmarks).
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,6 +84,78 @@ def build_unet(config: dict[str, Any], seed: int = 0):
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(**config).eval()
+
+
+# Stable Diffusion's own noise schedule; the DDIM extras are those of SD's scheduler_config.json
+SD_SCHEDULE: dict[str, Any] = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1)
+
+
+def _byte_level_vocab() -> tuple[dict[str, int], str]:
+    """(vocab.json, merges.txt) of a tiny CLIP BPE: every byte symbol with and without the word end, two merges."""
+    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points from 256 up
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    extra = iter(range(256, 512))
+    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    tokens = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}, "#version: 0.2\nt h\nth e</w>\n"
+
+
+def tiny_pipeline(geometry: str = "sd1", *, seed: int = 0, image_size: int = 16, text_len: int = 77,
+                  scheduler: str = "ddim", unet=None):
+    """A whole random-weight Stable Diffusion pipeline, no download: byte-level CLIP tokenizer, tiny CLIP text
+    encoder(s), `TINY[geometry]` UNet (or the given `unet`), a VAE whose depth maps the UNet's latents to
+    `image_size` pixels, and SD's noise schedule with DDIM or Euler. `geometry="sdxl"` builds an SDXL pipeline
+    (two text encoders, pooled embeddings). Weights are drawn from `seed` (text encoders, VAE, then UNet)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if scheduler not in ("ddim", "euler"):
+        raise ValueError(f"scheduler must be 'ddim' or 'euler', got {scheduler!r}")
+    config = unet.config if unet is not None else TINY[geometry]
+    sample_size, cross_dim = config["sample_size"], config["cross_attention_dim"]
+    levels = (image_size // sample_size).bit_length()  # VAE downsamples 2x between levels
+    if image_size != sample_size * 2 ** (levels - 1):
+        raise ValueError(f"image_size {image_size} is not the UNet's sample size {sample_size} times a power of 2")
+
+    vocab, merges = _byte_level_vocab()
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "vocab.json").write_text(json.dumps(vocab))
+        Path(d, "merges.txt").write_text(merges)
+        tokenizer = CLIPTokenizer.from_pretrained(d, model_max_length=text_len)
+    text_cfg = dict(vocab_size=len(vocab), intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=text_len, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    if geometry == "sdxl":
+        # the UNet attends to both encoders' hidden states side by side; the second's projection is the pooled input
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=cross_dim - SDXL_TEXT_EMBED_DIM, **text_cfg)).eval()
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=SDXL_TEXT_EMBED_DIM, projection_dim=SDXL_TEXT_EMBED_DIM, **text_cfg)).eval()
+    else:
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=cross_dim, **text_cfg)).eval()
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+                        up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(8,) * levels,
+                        latent_channels=config["in_channels"], norm_num_groups=4, sample_size=image_size).eval()
+    if unet is None:
+        unet = build_unet(config, seed)
+    sched = (DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False) if scheduler == "ddim"
+             else EulerDiscreteScheduler(**SD_SCHEDULE))
+    if geometry == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=sched)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=sched, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def example_inputs(unet, batch: int = 2, height: int | None = None, width: int | None = None,

@@ -4,12 +4,13 @@ planted items are the pipeline's own generations (so the original model copies t
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from uniforget.geometries import tiny_pipeline
 
 CAPTIONS = ("the zorblax mascot", "quillon emblem")
 NEUTRAL = ("a red circle", "a blue square", "a green star")
@@ -19,20 +20,11 @@ EVAL_STEPS = 2
 EVAL_GUIDANCE = 3.0
 
 
-def _builder():
-    """build_tiny_pipeline lives in tests/uniforget/test_memorization.py; load it by path (any import mode)."""
-    src = Path(__file__).resolve().parent.parent / "uniforget" / "test_memorization.py"
-    spec = importlib.util.spec_from_file_location("_tiny_pipeline_src", src)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.build_tiny_pipeline
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny pipeline folder (model_index.json + components, safetensors)."""
     work = tmp_path_factory.mktemp("tiny_model")
-    pipe = _builder()(work / "src")
+    pipe = tiny_pipeline(image_size=32, text_len=16)
     folder = work / "pipeline"
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder

@@ -9,53 +9,11 @@ import torch
 
 from exporter.cli import main
 from uniforget.fingerprint import model_fingerprint
-from uniforget.geometries import TINY, build_unet, example_inputs
+from uniforget.geometries import TINY, build_unet, example_inputs, tiny_pipeline
 from uniforget.masks import MaskSet
 from uniforget.plan import PruningPlan
 from uniforget.slim_io import load_slim_unet
 from uniforget.targets import discover_targets
-
-
-def _byte_chars() -> list[str]:
-    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2 / CLIP convention)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
-        list(range(ord("\xae"), ord("\xff") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def tiny_pipeline(unet, folder):
-    """A complete (random-weight) Stable Diffusion pipeline folder around `unet`: no hub download."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    tok_dir = folder.parent / "tok_src"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    chars = _byte_chars()
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
-    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
-    torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=unet.config.cross_attention_dim,
-                                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-                                        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
-    vae = AutoencoderKL(block_out_channels=(16, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        sample_size=16)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +22,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     unet = build_unet(TINY["sd1"], seed=0)
     unet.save_pretrained(root / "unet", safe_serialization=True)
-    tiny_pipeline(unet, root / "pipe")
+    tiny_pipeline(unet=unet).save_pretrained(root / "pipe", safe_serialization=True)
     g = torch.Generator().manual_seed(0)
     logits = {}
     for t in discover_targets(unet):

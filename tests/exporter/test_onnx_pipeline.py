@@ -16,7 +16,7 @@ import torch
 from exporter.errors import ExportError
 from exporter.onnx_export import OnnxExportOptions, export_pipeline
 from exporter.onnx_pipeline import OnnxStableDiffusionPipeline, load_scheduler
-from uniforget.geometries import TINY, build_unet
+from uniforget.geometries import tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[2]
 OPTIMUM_PY = REPO / ".venv-optimum" / "bin" / "python"
@@ -24,48 +24,11 @@ OPTIMUM_PY = REPO / ".venv-optimum" / "bin" / "python"
 PIXEL_ATOL = 1e-4
 
 
-def _write_tokenizer(folder: Path) -> None:
-    """A tiny byte-level CLIP BPE vocabulary: every byte symbol, with and without the word end, plus two merges."""
-    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points from 256 up
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = iter(range(256, 512))
-    chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-    vocab = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
-
-
-def build_tiny_pipeline(folder: Path):
-    """A random-init SD pipeline: TINY sd1 UNet, tiny CLIP text encoder and VAE, DDIM; images 16x16."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    _write_tokenizer(folder / "tok")
-    tok = CLIPTokenizer.from_pretrained(str(folder / "tok"))
-    assert len(tok) > 500, "tokenizer files were ignored"
-    torch.manual_seed(0)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=TINY["sd1"]["cross_attention_dim"],
-                                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      max_position_embeddings=77, eos_token_id=tok.eos_token_id,
-                                      bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)).eval()
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
-                        norm_num_groups=8, layers_per_block=1, sample_size=16).eval()
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=build_unet(TINY["sd1"], seed=1),
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
-    pipe = build_tiny_pipeline(root)
+    pipe = tiny_pipeline(seed=1)  # 16x16 images, DDIM
+    assert len(pipe.tokenizer) > 500, "tokenizer files were ignored"
     res = export_pipeline(pipe, root / "onnx" / "pipeline", options=OnnxExportOptions(symbolic_shapes=False))
     return pipe, res
 

@@ -4,7 +4,6 @@ in-process ONNX Runtime pipeline's for the same seed. Servers are stopped howeve
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
@@ -26,42 +25,14 @@ pytestmark = pytest.mark.skipif(PY_ENV is None, reason="no .venv-triton with a t
 STEPS, GUIDANCE = 3, 5.0
 
 
-def _tiny_pipeline():
-    """A random SD1-style pipeline: tiny CLIP text encoder + letter tokenizer, tiny UNet, tiny VAE, DDIM."""
-    import tempfile
-
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from uniforget.geometries import TINY
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for suffix in ("", "</w>"):
-        vocab.update({c + suffix: len(vocab) for c in "abcdefghijklmnopqrstuvwxyz"})
-    with tempfile.TemporaryDirectory() as d:
-        Path(d, "vocab.json").write_text(json.dumps(vocab))
-        Path(d, "merges.txt").write_text("#version: 0.2\n")
-        tok = CLIPTokenizer.from_pretrained(d, model_max_length=77)
-    torch.manual_seed(0)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=48, intermediate_size=64,
-                                      num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
-                                      bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    unet = UNet2DConditionModel(**TINY["sd1"]).eval()
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                        sample_size=16).eval()
-    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=DDIMScheduler(),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> tuple[Path, Path]:
     """(model repository, exported ONNX pipeline folder)."""
     from exporter.onnx_export import export_pipeline
+    from uniforget.geometries import tiny_pipeline
 
     root = tmp_path_factory.mktemp("e2e")
-    onnx_dir = export_pipeline(_tiny_pipeline(), root / "onnx", validate=False).folder
+    onnx_dir = export_pipeline(tiny_pipeline(), root / "onnx", validate=False).folder
     res = write_repository(TritonRepoOptions(out_dir=root / "triton", unet_onnx=onnx_dir / "unet" / "model.onnx",
                                              pipeline_dir=onnx_dir, steps=STEPS, guidance_scale=GUIDANCE, threads=1))
     return res.path, onnx_dir

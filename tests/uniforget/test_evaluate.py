@@ -6,7 +6,6 @@ evaluation must find every memorized generation to be an exact copy; drift again
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,21 +16,14 @@ import torch
 from uniforget.errors import UniforgetError
 from uniforget.evaluate import EvalConfig, EvalData, evaluate, table_rows
 from uniforget.generate import generate
+from uniforget.geometries import tiny_pipeline
 from uniforget.memorization import detect_copies
 from uniforget.targets import discover_targets
 
 
-def _load_builder():
-    """The tiny-pipeline builder lives in test_memorization.py; load it by path (works with any import mode)."""
-    spec = importlib.util.spec_from_file_location("_tiny_pipeline_src", Path(__file__).with_name("test_memorization.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.build_tiny_pipeline
-
-
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return _load_builder()(tmp_path_factory.mktemp("tiny_eval"))
+def pipe():
+    return tiny_pipeline(image_size=32, text_len=16)
 
 
 CAPTIONS = ("the zorblax mascot", "quillon emblem")

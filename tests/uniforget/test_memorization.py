@@ -1,13 +1,10 @@
 """Memorization measures: copy detection, SSIM, drift, AUC, generation, Wen's noise norm, trigger perturbations.
 
-The pipeline tests run a tiny random-init Stable Diffusion pipeline built here (no downloads): the real
+The pipeline tests run a tiny random-init Stable Diffusion pipeline (`tiny_pipeline`, no downloads): the real
 diffusers pipeline code path, 32x32 images, a few sampler steps.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +18,7 @@ from uniforget.generate import (
     optimize_embeddings,
     perturb_embeddings,
 )
+from uniforget.geometries import tiny_pipeline
 from uniforget.memorization import detect_copies, output_drift, pairwise_l2, rms_drift, roc_auc, ssim
 from uniforget.targets import discover_targets
 from uniforget.wen import NoiseNormRecorder, noise_norms
@@ -28,44 +26,10 @@ from uniforget.wen import NoiseNormRecorder, noise_norms
 # ----------------------------------------------------------------------------------------- tiny pipeline
 
 
-def build_tiny_pipeline(folder: Path):
-    """A 32x32 StableDiffusionPipeline with random weights: CLIP text encoder (character vocabulary),
-    TINY['sd1'] UNet, 3-level AutoencoderKL (latents 4x8x8), DDIM."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from uniforget.geometries import TINY, build_unet
-
-    tok_dir = Path(folder) / "tokenizer_src"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=16)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=TINY["sd1"]["cross_attention_dim"], intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
-    unet = build_unet(TINY["sd1"], seed=0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), latent_channels=4,
-                        norm_num_groups=4, sample_size=32).eval()
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipe"))
+def pipe():
+    """32x32 images (3-level VAE, latents 4x8x8), 16-token prompts, DDIM."""
+    return tiny_pipeline(image_size=32, text_len=16)
 
 
 STEPS = 4

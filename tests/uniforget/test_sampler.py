@@ -2,48 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import string
-from pathlib import Path
-
 import pytest
 import torch
 
 from uniforget.gates import GateConfig
 from uniforget.gating import attach_gates
-from uniforget.geometries import TINY, build_unet, example_inputs
+from uniforget.geometries import TINY, build_unet, example_inputs, tiny_pipeline
 from uniforget.learn import GateParams
 from uniforget.sampler import Conditioning, SamplerConfig, encode_prompts, sample
 from uniforget.targets import discover_targets
 
 
-def tiny_pipeline(tmp: Path, seed: int = 0):
-    """A whole random-init SD1.x-style pipeline (tiny UNet, CLIP text encoder, VAE, DDIM), no downloads."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    tmp.mkdir(parents=True, exist_ok=True)
-    toks = ["<|startoftext|>", "<|endoftext|>", *string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase)]
-    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(toks)}))
-    (tmp / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer.from_pretrained(str(tmp), model_max_length=32)
-    torch.manual_seed(seed)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(toks), hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=32, bos_token_id=0,
-                                      eos_token_id=1, pad_token_id=1)).eval()
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4)
-    sched = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=build_unet(TINY["sd1"], seed),
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("tok"))
+def pipe():
+    return tiny_pipeline()
 
 
 PROMPTS = ["a red circle", "blue square on grey", "green triangle"]
@@ -149,26 +121,9 @@ def test_bad_inputs_are_refused(pipe):
         SamplerConfig(checkpointing="sometimes")
 
 
-def test_sdxl_pipeline_matches_inference(tmp_path):
+def test_sdxl_pipeline_matches_inference():
     """SDXL: two text encoders, pooled embeddings, time ids and zeroed negatives, as the SDXL pipeline does."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    toks = ["<|startoftext|>", "<|endoftext|>", *string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase)]
-    (tmp_path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(toks)}))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer.from_pretrained(str(tmp_path), model_max_length=32)
-    torch.manual_seed(0)
-    kw = dict(vocab_size=len(toks), intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-              max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=16, **kw)).eval()  # 16 + 32 = the UNet's cross-attention width
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **kw)).eval()
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4)
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
-                                     unet=build_unet(TINY["sdxl"]),
-                                     scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_pipeline("sdxl", scheduler="euler", image_size=8)  # 1-level VAE: height 8 is the latent height
     z0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = pipe(PROMPTS[:2], height=8, width=8, num_inference_steps=3, guidance_scale=4.0,

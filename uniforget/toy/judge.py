@@ -1,8 +1,13 @@
-"""The toy's judge: a tiny CNN that reads shape and colour from generated pixels (shipped with the testbed).
+"""The toy's judge: reads shape and colour from generated pixels with fixed geometric rules (no training).
 
-Trained by scripts/train_toy.py on fresh renders of the neutral generator (plus noise and blur, so that
-imperfect generations are still read), never on generations. Neutral fidelity = share of generations for
-held-out prompts whose judged shape and colour both match the prompt.
+Why rules and not a learned classifier: a judge that is itself trained can fail silently on exactly the
+images we care about (blurry, half-formed generations); these rules are inspectable and were checked on
+fresh renders of the neutral generator (tests/uniforget/test_judge.py).
+
+Per image: the background colour is the median of the 1-pixel border; foreground = pixels farther than half
+of the largest distance from it; colour = nearest palette entry to the median of the object's core; shape
+from the foreground's bounding-box fill ratio and top-bottom symmetry (a triangle is the only asymmetric
+shape; square fills its box, circle ~pi/4, cross ~0.58).
 """
 
 from __future__ import annotations
@@ -11,56 +16,59 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
 
-JUDGE_DIR = Path(__file__).parent / "judge"
+from .data import RGB, SPEC_PATH
 
-
-class JudgeNet(nn.Module):
-    """Three conv layers, global average pool, one head per attribute."""
-
-    def __init__(self, n_shapes: int, n_colours: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 32, 16, 16)
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (B, 64, 8, 8)
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 64)
-        )
-        self.shape_head = nn.Linear(64, n_shapes)
-        self.colour_head = nn.Linear(64, n_colours)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.body(x)
-        return self.shape_head(h), self.colour_head(h)
+NONE = "none"  # no object found
 
 
 class Judge:
     """Reads (shape, colour) from images (N, H, W, 3) float in [0, 1]."""
 
-    def __init__(self, net: JudgeNet, shapes: list[str], colours: list[str]):
-        self.net = net.eval()
+    def __init__(self, shapes: list[str], colours: list[str]):
+        unknown = [c for c in colours if c not in RGB]
+        if unknown:
+            raise ValueError(f"judge: no RGB value for colours {unknown}")
         self.shapes = shapes
         self.colours = colours
+        self._palette = np.array([RGB[c] for c in colours], dtype=np.float32)  # (C, 3)
 
-    @torch.no_grad()
+    def _one(self, img: np.ndarray) -> tuple[str, str]:
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])  # (4W, 3)
+        bg = np.median(border, axis=0)
+        dist = np.linalg.norm(img - bg, axis=-1)  # (H, W)
+        peak = float(dist.max())
+        if peak < 0.2:
+            return NONE, NONE
+        mask = dist > 0.5 * peak
+        core = img[dist > 0.75 * peak]
+        colour = self.colours[int(np.argmin(np.linalg.norm(self._palette - np.median(core, axis=0), axis=1)))]
+        ys, xs = np.nonzero(mask)
+        box = mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+        fill = float(box.mean())
+        flipped = box[::-1]
+        sym = float((box & flipped).sum() / max(1, (box | flipped).sum()))
+        if sym < 0.75:
+            shape = "triangle"
+        elif fill >= 0.9:
+            shape = "square"
+        elif fill >= 0.68:
+            shape = "circle"
+        else:
+            shape = "cross"
+        return (shape if shape in self.shapes else NONE), colour
+
     def predict(self, images: np.ndarray) -> tuple[list[str], list[str]]:
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)  # (N, 3, H, W)
-        s, c = self.net(x)
-        return [self.shapes[i] for i in s.argmax(1).tolist()], [self.colours[i] for i in c.argmax(1).tolist()]
-
-    def save(self, out_dir: str | Path) -> None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, str(out / "judge.safetensors"))
-        (out / "judge.json").write_text(json.dumps({"shapes": self.shapes, "colours": self.colours}, indent=2))
+        out = [self._one(np.asarray(im, dtype=np.float32)) for im in images]
+        return [s for s, _ in out], [c for _, c in out]
 
 
 def load_judge(path: str | Path | None = None) -> Judge:
-    """Load the shipped judge (or one written by train_toy.py into another folder)."""
-    d = Path(path) if path else JUDGE_DIR
-    labels = json.loads((d / "judge.json").read_text())
-    net = JudgeNet(len(labels["shapes"]), len(labels["colours"]))
-    net.load_state_dict(load_file(str(d / "judge.safetensors")))
-    return Judge(net, labels["shapes"], labels["colours"])
+    """The judge for a dataset spec's labels: `path` is a spec JSON, or a folder holding spec.json/judge.json;
+    default: the shipped toy spec."""
+    p = Path(path) if path else SPEC_PATH
+    if p.is_dir():
+        p = p / "judge.json" if (p / "judge.json").is_file() else p / "spec.json"
+    raw = json.loads(p.read_text())
+    labels = raw.get("neutral", raw)
+    return Judge(list(labels["shapes"]), list(labels["colours"]))
