@@ -4,8 +4,9 @@
 
 Driven by a dataset spec (neutral generator settings + planted items, each an image and a caption), seeded
 and reproducible for a fixed thread count. Writes, under --out: pipeline/ (a real diffusers folder: tokenizer,
-CLIP text encoder, UNet2DConditionModel, AutoencoderKL, DDIM scheduler), judge/ (the shape/colour judge) and
-train_log.json (settings, losses, wall time per stage). Another spec plants other images with no code change.
+CLIP text encoder, UNet2DConditionModel, AutoencoderKL, DDIM scheduler) and train_log.json (settings, losses,
+wall time per stage). Another spec plants other images with no code change; the judge
+(uniforget/toy/judge.py) needs no training, it reads the spec's shapes and colours.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def main() -> None:
     ap.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
     ap.add_argument("--text-dim", type=int, default=64)
     ap.add_argument("--unet-channels", type=int, nargs=2, default=[64, 128])
-    ap.add_argument("--guidance-scale", type=float, default=5.0, help="written to the model card as the default")
+    ap.add_argument("--guidance-scale", type=float, default=7.5, help="written to the model card as the default")
     ap.add_argument("--sampler-steps", type=int, default=20, help="written to the model card as the default")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

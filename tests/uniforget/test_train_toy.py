@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _train(out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(ROOT / "scripts" / "train_toy.py"), "--out", str(out), "--threads", "1",
-                    "--vae-steps", "3", "--unet-steps", "3", "--judge-steps", "3", "--judge-min-accuracy", "0",
+                    "--vae-steps", "3", "--unet-steps", "3",
                     "--unet-channels", "16", "32", "--batch", "4"],
                    check=True, env=env, capture_output=True, text=True)
 
