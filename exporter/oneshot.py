@@ -52,7 +52,7 @@ class ValidationSize:
     """How much the validation generates. Defaults keep the toy's whole one-shot within ~10 min on 2 cores."""
 
     seeds: int = 8  # per memorized caption
-    neutral_prompts: int = 16  # evenly spaced subset of the held-out neutral prompts
+    neutral_prompts: int | None = None  # evenly spaced subset of the held-out neutral prompts; None = all
     neutral_seeds: int = 1
     perturb_norms: tuple[float, ...] = (0.1,)  # random trigger-embedding perturbations (relative norm)
     optimized_norm: float | None = None  # optimized perturbation; None = off (slow: backprop through sampling)

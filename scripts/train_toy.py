@@ -69,6 +69,14 @@ def make_models(vocab_size: int, max_length: int, args: argparse.Namespace):
     return text_encoder, vae, unet
 
 
+def _relative(value):
+    """Paths under the repository are recorded relative to it (logs travel with the package)."""
+    root = Path(__file__).resolve().parents[1]
+    if isinstance(value, str) and Path(value).is_absolute() and Path(value).resolve().is_relative_to(root):
+        return str(Path(value).resolve().relative_to(root))
+    return value
+
+
 def cosine_lr(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -229,7 +237,7 @@ def main() -> None:
     stage_dir.rename(final)
     times["total_s"] = time.time() - t_all
     (out / "train_log.json").write_text(json.dumps({
-        "args": {k: v for k, v in vars(args).items()}, "spec": str(args.spec), "times": times,
+        "args": {k: _relative(v) for k, v in vars(args).items()}, "spec": _relative(args.spec), "times": times,
         "torch": torch.__version__, "threads": args.threads, "n_train_images": len(images),
         "n_eval_neutral_prompts": len(eval_prompts(spec)), "log": log}, indent=1))
     print(json.dumps(times))

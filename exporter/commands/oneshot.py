@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = p.add_argument_group("validation (defaults sized to keep the toy's run within ~10 min on 2 CPU cores)")
     v.add_argument("--no-validate", action="store_true", help="skip memorization/quality evaluation and latency")
     v.add_argument("--seeds", type=int, default=8, help="seeds per memorized caption (default 8)")
-    v.add_argument("--neutral-prompts", type=int, default=16, help="held-out neutral prompts to generate (default 16)")
+    v.add_argument("--neutral-prompts", type=int, default=None,
+                   help="held-out neutral prompts to generate (default: all of them)")
     v.add_argument("--neutral-seeds", type=int, default=1, help="seeds per neutral prompt (default 1)")
     v.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's own)")
     v.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's own)")
