@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_sampler import tiny_pipeline  # noqa: E402
 
 from exporter.cli import main  # noqa: E402
 from uniforget.controls import (  # noqa: E402
@@ -24,7 +19,7 @@ from uniforget.controls import (  # noqa: E402
 )
 from uniforget.errors import MaskSetError, UniforgetError  # noqa: E402
 from uniforget.fingerprint import model_fingerprint  # noqa: E402
-from uniforget.geometries import TINY, build_unet  # noqa: E402
+from uniforget.geometries import TINY, build_unet, tiny_pipeline  # noqa: E402
 from uniforget.learn import (  # noqa: E402
     LearnConfig,
     LearnError,
@@ -43,8 +38,8 @@ FAST = LearnConfig(steps=6, batch=2, lr=0.1, sampler=SamplerConfig(steps=2, guid
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory.mktemp("tok"))
+def pipe():
+    return tiny_pipeline(image_size=8, text_len=32)  # 1-level VAE: latents are the image size
 
 
 @pytest.fixture(scope="module")
