@@ -36,9 +36,15 @@ def write_tokenizer(words: list[str], out: Path, max_length: int) -> None:
         vocab_size=100_000, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
         min_frequency=1, show_progress=False))
     model = json.loads(bpe.to_str())["model"]
+    # the trainer breaks frequency ties in hash-map order, which changes between processes: put merges in a
+    # canonical order (shorter results first, so every merge's parts exist before it) and number the vocabulary
+    # the same way, so the same spec always gives the same token ids (main() checks each word is one token)
+    merges = sorted((tuple(m) for m in model["merges"]), key=lambda m: (len(m[0]) + len(m[1]), m))
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    tokens = specials + sorted((t for t in model["vocab"] if t not in specials), key=lambda t: (len(t), t))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps(model["vocab"], indent=0))
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in model["merges"]) + "\n")
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, indent=0))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
