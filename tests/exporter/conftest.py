@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -50,24 +49,9 @@ def tiny_masks(tiny_model_dir, tiny_pipe, tmp_path_factory) -> Path:
     return ms.save(tmp_path_factory.mktemp("masks") / "masks.safetensors")
 
 
-def constant_judge(images: np.ndarray) -> tuple[list[str], list[str]]:
-    return ["circle"] * len(images), ["red"] * len(images)
-
-
 @pytest.fixture(scope="session")
-def tiny_eval_data(tiny_pipe):
-    from uniforget.evaluate import EvalData
-    from uniforget.generate import generate
-
-    items = generate(tiny_pipe, CAPTIONS, [0], steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)
-    rng = np.random.default_rng(0)
-    small = rng.uniform(0, 1, (50, 4, 4, 3)).astype(np.float32)
-    neutral = np.repeat(np.repeat(small, 8, axis=1), 8, axis=2)
-    return EvalData(
-        neutral_prompts=NEUTRAL, memorized_captions=CAPTIONS, memorized_item=(0, 1), item_names=("zorblax", "quillon"),
-        item_images=items, train_images=np.concatenate([neutral, items]),
-        train_item=np.concatenate([np.full(50, -1), [0, 1]]),
-        neutral_shapes=SHAPES, neutral_colours=COLOURS, judge=constant_judge)
+def tiny_eval_data(tiny_pipe, planted_eval_data):
+    return planted_eval_data(tiny_pipe, CAPTIONS, NEUTRAL, SHAPES, COLOURS, EVAL_STEPS, EVAL_GUIDANCE)
 
 
 @pytest.fixture(scope="session")

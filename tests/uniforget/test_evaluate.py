@@ -34,22 +34,9 @@ CFG = EvalConfig(seeds=1, neutral_seeds=1, steps=3, guidance=3.0, batch_size=4, 
                  optimized_norm=0.1, optimized_iters=2)
 
 
-def constant_judge(images: np.ndarray) -> tuple[list[str], list[str]]:
-    """Says 'red circle' to everything: accuracy is then exactly the share of red-circle labels."""
-    return ["circle"] * len(images), ["red"] * len(images)
-
-
 @pytest.fixture(scope="module")
-def data(pipe):
-    items = generate(pipe, CAPTIONS, [0], steps=CFG.steps, guidance=CFG.guidance)
-    rng = np.random.default_rng(0)
-    small = rng.uniform(0, 1, (200, 4, 4, 3)).astype(np.float32)
-    neutral = np.repeat(np.repeat(small, 8, axis=1), 8, axis=2)
-    return EvalData(
-        neutral_prompts=NEUTRAL, memorized_captions=CAPTIONS, memorized_item=(0, 1), item_names=("zorblax", "quillon"),
-        item_images=items, train_images=np.concatenate([neutral, items]),
-        train_item=np.concatenate([np.full(200, -1), [0, 1]]),
-        neutral_shapes=SHAPES, neutral_colours=COLOURS, judge=constant_judge)
+def data(pipe, planted_eval_data):
+    return planted_eval_data(pipe, CAPTIONS, NEUTRAL, SHAPES, COLOURS, CFG.steps, CFG.guidance, n_neutral=200)
 
 
 @pytest.fixture(scope="module")
