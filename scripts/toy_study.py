@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -27,6 +28,7 @@ from uniforget.evaluate import EvalConfig, EvalData, evaluate, sampling_defaults
 from uniforget.learn import LearnConfig, LearnRequest, control_path_for, kind_summary, parse_beta, run_learn
 from uniforget.masks import MaskSet
 from uniforget.models import load_pipeline, resolve_model_path
+from uniforget.prompts import TOY_PROMPTS
 
 SHIP_DIR = Path(__file__).resolve().parents[1] / "uniforget" / "toy" / "masks"
 
@@ -65,12 +67,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy")
     ap.add_argument("--out", type=Path, default=Path("runs/study"))
+    ap.add_argument("--spec", type=Path, default=None,
+                    help="dataset spec the model was trained on (default: the shipped toy's); sets the copy-detection "
+                         "reference set")
+    ap.add_argument("--prompts", type=Path, default=None,
+                    help="neutral mask-learning prompts (default: the toy's own prompts_train.txt)")
     ap.add_argument("--betas", default="weak,medium,strong")
     ap.add_argument("--learn-steps", type=int, default=LearnConfig.steps)
     ap.add_argument("--sampler-steps", type=int, default=None, help="N unrolled while learning (default: learn's)")
+    ap.add_argument("--targets", default=None, help="gate kinds to learn, e.g. ffn,norm (default: learn's)")
+    ap.add_argument("--lr", type=float, default=None, help="mask learning rate (default: learn's)")
     ap.add_argument("--seeds", type=int, default=8, help="seeds per memorized caption")
     ap.add_argument("--perturb", default="0.05,0.1,0.2")
-    ap.add_argument("--optimized-norm", type=float, default=0.1)
+    ap.add_argument("--optimized-norm", type=float, default=0.1, help="0 skips the optimized perturbation")
     ap.add_argument("--ship", action="store_true", help="copy learned MaskSets into the package (toy only)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -86,20 +95,23 @@ def main() -> None:
             continue
         cfg = LearnConfig(beta=parse_beta(b), steps=args.learn_steps)
         if args.sampler_steps:
-            from dataclasses import replace
-
             cfg = replace(cfg, sampler=replace(cfg.sampler, steps=args.sampler_steps))
+        if args.targets:
+            cfg = replace(cfg, kinds=tuple(k for k in args.targets.split(",") if k))
+        if args.lr:
+            cfg = replace(cfg, lr=args.lr)
         t0 = time.perf_counter()
         run_learn(LearnRequest(model=args.model, out=out, config=cfg, drift_prompts=32, controls=True,
+                               prompts_file=args.prompts or TOY_PROMPTS,
                                history=args.out / f"{b}.history.jsonl", device="cpu"))
         learn_wall[b] = time.perf_counter() - t0
 
     pipe = load_pipeline(args.model)
     model_dir = resolve_model_path(args.model)
     judge = model_dir.parent / "judge" if (model_dir.parent / "judge" / "judge.json").is_file() else None
-    data = EvalData.from_toy(judge_dir=judge)
+    data = EvalData.from_toy(spec_path=args.spec, judge_dir=judge)
     norms = tuple(float(x) for x in args.perturb.split(",") if x)
-    ecfg = EvalConfig(seeds=args.seeds, perturb_norms=norms, optimized_norm=args.optimized_norm)
+    ecfg = EvalConfig(seeds=args.seeds, perturb_norms=norms, optimized_norm=args.optimized_norm or None)
     defaults = sampling_defaults(model_dir)
     original = evaluate(pipe, data, ecfg, label="original", defaults=defaults)
     n_neutral = original.n_neutral

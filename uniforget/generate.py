@@ -72,9 +72,14 @@ class Conditioning:
 
 @torch.no_grad()
 def encode_prompts(pipe: Any, prompts: Sequence[str]) -> Conditioning:
-    """Text embeddings of `prompts` and of the empty negative prompt, through the pipeline's own encoder."""
+    """Text embeddings of `prompts` and the pipeline's default negative, through the pipeline's own encoder.
+
+    negative_prompt None is the pipeline's own choice ("" for SD1/2, zeros for SDXL), the same as mask learning
+    (`sampler.encode_prompts`), so evaluation generates exactly what the gates were learned against. This class
+    feeds the pipeline's `__call__`; the sampler's feeds the bare UNet.
+    """
     out = pipe.encode_prompt(list(prompts), device=pipe.device, num_images_per_prompt=1,
-                             do_classifier_free_guidance=True, negative_prompt=[""] * len(prompts))
+                             do_classifier_free_guidance=True, negative_prompt=None)
     if len(out) == 4:  # SDXL: (embeds, negative, pooled, negative_pooled)
         return Conditioning(out[0], out[1], out[2], out[3])
     return Conditioning(out[0], out[1])
