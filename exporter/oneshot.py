@@ -329,7 +329,7 @@ def stage_triton(run: _Run) -> tuple[str, dict | None]:
 
 
 def _eval_data(run: _Run) -> Any:
-    from uniforget.evaluate import EvalData
+    from uniforget.evaluate import EvalData, judge_beside
     from uniforget.models import resolve_model_path
 
     opts = run.opts
@@ -337,9 +337,7 @@ def _eval_data(run: _Run) -> Any:
         return opts.eval_data
     if opts.model not in ("toy", None) and opts.eval_spec is None:
         return None
-    model_dir = Path(resolve_model_path(opts.model))
-    judge = model_dir.parent / "judge"
-    return EvalData.from_toy(opts.eval_spec, str(judge) if (judge / "judge.json").is_file() else None)
+    return EvalData.from_toy(opts.eval_spec, judge_beside(Path(resolve_model_path(opts.model))))
 
 
 def stage_validate(run: _Run) -> tuple[str, dict | None]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from exporter.onnx_pipeline import OnnxStableDiffusionPipeline
-from uniforget.evaluate import EvalData, sampling_defaults, write_json
+from uniforget.evaluate import EvalData, judge_accuracy, sampling_defaults, write_json
 from uniforget.memorization import detect_copies
 from uniforget.models import TOY_DIR
 
@@ -45,12 +45,10 @@ def main() -> None:
     mem_a, neu_a = np.stack(mem), np.stack(neu)
     copies = detect_copies(mem_a, data.train_images, data.train_item, np.array(expected))
     neutral_copies = detect_copies(neu_a, data.train_images, data.train_item, -1)
-    shapes, colours = data.judge(neu_a)
-    judge = float(np.mean([s == ws and c == wc for s, c, ws, wc in
-                           zip(shapes, colours, data.neutral_shapes, data.neutral_colours, strict=True)]))
+    judge, _, _ = judge_accuracy(data, neu_a, range(len(data.neutral_prompts)), 1)
     out = {"pipeline": str(args.pipeline), "steps": steps, "guidance": guidance, "seeds": args.seeds,
-           "copy_rate": copies.copy_rate, "nn_identity": float(np.mean(copies.nn1_group == copies.expected)),
-           "neutral_copy_rate": float(np.mean(neutral_copies.is_any_item_copy)), "judge_accuracy": judge,
+           "copy_rate": copies.copy_rate, "nn_identity": copies.nn_identity,
+           "neutral_copy_rate": neutral_copies.any_item_copy_rate, "judge_accuracy": judge,
            "n_memorized": len(mem), "n_neutral": len(neu), "seconds_per_image": seconds / (len(mem) + len(neu))}
     write_json(out, args.json)
     print(json.dumps(out, indent=2))

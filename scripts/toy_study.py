@@ -24,7 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from uniforget.evaluate import EvalConfig, EvalData, evaluate, sampling_defaults, write_json
+from uniforget.evaluate import EvalConfig, EvalData, evaluate, judge_beside, sampling_defaults, write_json
 from uniforget.learn import LearnConfig, LearnRequest, control_path_for, kind_summary, parse_beta, run_learn
 from uniforget.masks import MaskSet
 from uniforget.models import load_pipeline, resolve_model_path
@@ -108,8 +108,7 @@ def main() -> None:
 
     pipe = load_pipeline(args.model)
     model_dir = resolve_model_path(args.model)
-    judge = model_dir.parent / "judge" if (model_dir.parent / "judge" / "judge.json").is_file() else None
-    data = EvalData.from_toy(spec_path=args.spec, judge_dir=judge)
+    data = EvalData.from_toy(spec_path=args.spec, judge_dir=judge_beside(model_dir))
     norms = tuple(float(x) for x in args.perturb.split(",") if x)
     ecfg = EvalConfig(seeds=args.seeds, perturb_norms=norms, optimized_norm=args.optimized_norm or None)
     defaults = sampling_defaults(model_dir)

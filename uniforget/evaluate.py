@@ -211,6 +211,19 @@ def _subset(n: int, k: int | None) -> list[int]:
     return sorted({int(round(i * (n - 1) / max(k - 1, 1))) for i in range(k)})
 
 
+def judge_accuracy(data: EvalData, images: np.ndarray, prompt_idx: Sequence[int], n_seeds: int
+                   ) -> tuple[float | None, float | None, float | None]:
+    """(both right, shape right, colour right) shares of neutral generations, laid out prompt-major with
+    `n_seeds` images per prompt of `data.neutral_prompts[prompt_idx]`; Nones without a judge or labels."""
+    if data.judge is None or data.neutral_shapes is None:
+        return None, None, None
+    shapes, colours = data.judge(images)
+    want_s = np.repeat([data.neutral_shapes[i] for i in prompt_idx], n_seeds)
+    want_c = np.repeat([data.neutral_colours[i] for i in prompt_idx], n_seeds)
+    ok_s, ok_c = np.asarray(shapes) == want_s, np.asarray(colours) == want_c
+    return float(np.mean(ok_s & ok_c)), float(np.mean(ok_s)), float(np.mean(ok_c))
+
+
 def _copy_stats(images: np.ndarray, data: EvalData, expected: np.ndarray, threshold: float) -> CopyStats:
     res = detect_copies(images, data.train_images, data.train_item, expected, threshold)
     s = ssim(images, data.item_images[expected]) if len(images) else np.zeros(0)
@@ -259,13 +272,7 @@ def evaluate(pipe: Any, data: EvalData, cfg: EvalConfig = EvalConfig(), gates: G
         wen_neu = per_prompt(rec.norms, len(nseeds)) if use_wen else None
     neutral_copies = detect_copies(neu_images, data.train_images, data.train_item, -1, cfg.copy_threshold)
 
-    judge_acc = shape_acc = colour_acc = None
-    if data.judge is not None and data.neutral_shapes is not None:
-        shapes, colours = data.judge(neu_images)
-        want_s = np.repeat([data.neutral_shapes[i] for i in idx], len(nseeds))
-        want_c = np.repeat([data.neutral_colours[i] for i in idx], len(nseeds))
-        ok_s, ok_c = np.asarray(shapes) == want_s, np.asarray(colours) == want_c
-        judge_acc, shape_acc, colour_acc = float(np.mean(ok_s & ok_c)), float(np.mean(ok_s)), float(np.mean(ok_c))
+    judge_acc, shape_acc, colour_acc = judge_accuracy(data, neu_images, idx, len(nseeds))
 
     perturbed: dict[str, CopyStats] = {}
     if cfg.perturb_norms or cfg.optimized_norm is not None:
@@ -332,6 +339,13 @@ class ValidateReport:
                 "definitions": DEFINITIONS, "seconds": self.seconds}
 
 
+def judge_beside(model_dir: Any) -> str | None:
+    """A judge folder (`judge/judge.json`) beside a model folder, as a training run may leave it; else None."""
+    if isinstance(model_dir, Path) and (model_dir.parent / "judge" / "judge.json").is_file():
+        return str(model_dir.parent / "judge")
+    return None
+
+
 def validate(opts: ValidateOptions) -> ValidateReport:
     """Load the model (and masks), evaluate it (before and after gating when masks are given)."""
     from .fingerprint import model_fingerprint
@@ -345,9 +359,7 @@ def validate(opts: ValidateOptions) -> ValidateReport:
         from .masks import MaskSet
 
         masks = MaskSet.load(opts.masks, expect_fingerprint=model_fingerprint(pipe.unet))
-    judge_dir = opts.judge
-    if judge_dir is None and isinstance(model_dir, Path) and (model_dir.parent / "judge" / "judge.json").is_file():
-        judge_dir = str(model_dir.parent / "judge")
+    judge_dir = opts.judge if opts.judge is not None else judge_beside(model_dir)
     data = EvalData.from_toy(opts.spec, judge_dir)
     defaults = sampling_defaults(model_dir if isinstance(model_dir, Path) and model_dir.is_dir() else None)
     evals = [evaluate(pipe, data, opts.config, label="original", defaults=defaults)]
