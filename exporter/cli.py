@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from uniforget.errors import UniforgetError
 
@@ -19,14 +21,37 @@ from .commands import STAGES
 log = logging.getLogger("uniforget")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes end like every other refusal: one line `error: ...`, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _setup_logging(verbose: int) -> None:
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose >= 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
-    for noisy in ("diffusers", "transformers", "onnx", "onnxruntime", "polygraphy", "matplotlib", "PIL"):
+    for noisy in ("diffusers", "onnx", "onnxruntime", "polygraphy", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose <= 1:
+        _quiet_transformers()
+
+
+def _quiet_transformers() -> None:
+    """transformers' warnings are about its own optional backends (e.g. "`CLIPImageProcessor` requires
+    torchvision (not installed); falling back to ..." on every pipeline load), not the user's business; its
+    errors stay visible (-vv shows the warnings again).
+
+    transformers logs through its own handler on the "transformers" logger and sets that logger's level when it
+    is first imported (from TRANSFORMERS_VERBOSITY), so both are set: the variable for a later import (an
+    explicit user choice wins), the level for an import that already happened. Importing transformers here only
+    to call set_verbosity_error() would cost a second on commands that never load a model.
+    """
+    if os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error") == "error" and "transformers" in sys.modules:
+        logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
 def _load_stage(name: str):
@@ -46,7 +71,7 @@ def _not_available(name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="uniforget", description="UniForget stages, one at a time.")
+    p = OneLineErrorParser(prog="uniforget", description="UniForget stages, one at a time.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
@@ -61,7 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    """SIGTERM (a scheduler or `kill`) unwinds like Ctrl-C, so every stage's cleanup runs and no temporary
+    output is left looking like a finished one."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(func(args) or 0)
     except UniforgetError as e:

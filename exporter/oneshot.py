@@ -14,6 +14,7 @@ loaded: an existing output without `force`, `--trt` where TensorRT is missing, a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import shutil
@@ -26,12 +27,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import ExportError, MissingDependencyError
-from .publish import publish_dir
+from .publish import check_can_create, publish_dir
 from .report import ReportData, StageRecord, write_report
 
 log = logging.getLogger(__name__)
 
-BETAS = ("weak", "medium", "strong")
+BETAS = ("auto", "weak", "medium", "strong")  # names a model may ship MaskSets for; numbers are learned
 TOY_MASKS_DIR = Path(__file__).resolve().parent.parent / "uniforget" / "toy" / "masks"
 MODEL_MASKS_SUBDIR = "uniforget_masks"  # <model folder>/uniforget_masks/<beta>.safetensors
 
@@ -54,8 +55,10 @@ class ValidationSize:
     seeds: int = 8  # per memorized caption
     neutral_prompts: int | None = None  # evenly spaced subset of the held-out neutral prompts; None = all
     neutral_seeds: int = 1
-    perturb_norms: tuple[float, ...] = (0.1,)  # random trigger-embedding perturbations (relative norm)
-    optimized_norm: float | None = None  # optimized perturbation; None = off (slow: backprop through sampling)
+    perturb_norms: tuple[float, ...] = ()  # random trigger-embedding perturbations (relative norm)
+    optimized_norm: float | None = 0.1  # optimized perturbation (DoRI-style re-trigger check); None = off
+    empty_seeds: int = 48  # empty-prompt generations (the global-mode check, uniforget.signature)
+    controls: bool = True  # evaluate random-removal and shuffled-gates controls at matched drift (with eval data)
     steps: int | None = None  # None: the model's own sampling defaults
     guidance: float | None = None  # None: the model's own sampling defaults
     batch_size: int = 16
@@ -69,7 +72,7 @@ class ExportOptions:
 
     model: str = "toy"
     masks: Path | None = None
-    beta: str = "medium"
+    beta: str = "auto"  # auto (calibrated on held-out neutral prompts) | weak | medium | strong | a number
     ratio: str | float = 0.05
     trt: bool = False
     fp16: bool = False
@@ -79,7 +82,9 @@ class ExportOptions:
     tolerances: Tolerances = Tolerances()
     size: ValidationSize = ValidationSize()
     learn_steps: int = 300  # when no MaskSet is given or shipped
+    retrain_steps: int = 0  # brief neutral retrain of the slim UNet after pruning (0 = off)
     eval_spec: Path | None = None  # dataset spec (toy format) with the memorized items; default: the toy's own
+    eval_prompts: Path | None = None  # any model: JSON of neutral prompts + suspect captions (EvalData.from_file)
     eval_data: Any = field(default=None, compare=False, repr=False)  # a ready uniforget.evaluate.EvalData
     progress: bool = True
     command: str = "uniforget-export"
@@ -95,6 +100,7 @@ class ExportResult:
     bench: Any
     report: dict[str, Path]
     wall_seconds: float
+    verdict: Any = None
 
 
 class StageObserver(Protocol):
@@ -129,11 +135,14 @@ class _Run:
     dense: Any = None
     masks: Any = None
     masks_source: str = ""
+    controls: dict[str, Any] = field(default_factory=dict)  # control MaskSets at matched drift (name -> MaskSet)
     plan: Any = None
     slim: Any = None
+    pruned: Any = None  # the slim UNet before the retrain (when there is one)
     parity: dict[str, Any] = field(default_factory=dict)
     trt_dir: Path | None = None
     evaluation: dict[str, Any] | None = None
+    verdict: Any = None  # uniforget.verdict.Verdict, or a sentence where nothing could be measured
     bench: Any = None
     notes: list[str] = field(default_factory=list)
 
@@ -157,14 +166,62 @@ def shipped_masks(model: str, beta: str) -> Path | None:
     return f if f.is_file() else None
 
 
+def _check_ratio(ratio: Any) -> None:
+    """uniforget.plan.parse_ratio's rule without importing torch (preflight runs before any heavy import)."""
+    if isinstance(ratio, str) and ratio.strip().lower() == "auto":
+        return
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        r = math.nan
+    if isinstance(ratio, bool) or not 0.0 <= r < 1.0:  # NaN fails both comparisons
+        raise ExportError(f"--ratio must be 'auto' or a fraction of UNet parameters to remove in [0, 1), "
+                          f"got {ratio!r}")
+
+
+def _number_problems(opts: ExportOptions) -> list[str]:
+    """Every out-of-range count, size and tolerance, named by its option (checked here, not after loading)."""
+    s, t, bad = opts.size, opts.tolerances, []
+
+    def finite(x: float) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    for flag, v, least in (("--learn-steps", opts.learn_steps, 1), ("--seeds", s.seeds, 1),
+                           ("--neutral-seeds", s.neutral_seeds, 1), ("--neutral-prompts", s.neutral_prompts, 1),
+                           ("--steps", s.steps, 1), ("--bench-runs", s.bench_runs, 20),
+                           ("batch size", s.batch_size, 1), ("bench batch", s.bench_batch, 1),
+                           ("--empty-seeds", s.empty_seeds, 0)):
+        if v is not None and v < least:
+            bad.append(f"{flag} must be >= {least} (got {v})")
+    if s.guidance is not None and not (finite(s.guidance) and s.guidance >= 0):
+        bad.append(f"--guidance must be a finite number >= 0 (got {s.guidance})")
+    if any(not (finite(n) and n >= 0) for n in s.perturb_norms):
+        bad.append(f"--perturb norms must be finite and >= 0 (got {','.join(map(str, s.perturb_norms))})")
+    if s.optimized_norm is not None and not (finite(s.optimized_norm) and s.optimized_norm > 0):
+        bad.append(f"--optimized-perturbation must be a finite norm > 0 (got {s.optimized_norm})")
+    for flag, v in (("--slim-atol", t.slim_atol), ("--onnx-atol", t.onnx_atol), ("onnx rtol", t.onnx_rtol),
+                    ("--trt-atol", t.trt_atol), ("--trt-rtol", t.trt_rtol)):
+        if not (finite(v) and v >= 0):
+            bad.append(f"{flag} must be a finite number >= 0 (got {v})")
+    return bad
+
+
 def preflight(opts: ExportOptions) -> Path:
-    """Every refusal that needs no model loaded; returns the resolved output path."""
+    """Every refusal that needs no model loaded; returns the resolved output path.
+
+    Imports nothing heavy (no torch, diffusers or onnx), so the CLI runs it before anything else and a bad
+    option is refused in well under a second.
+    """
     from uniforget.models import resolve_model_path
-    from uniforget.plan import parse_ratio
 
     out = Path(opts.out or default_out(opts))
     if out.exists() and not opts.force:
         raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
+    check_can_create(out, "--out")
+    _check_ratio(opts.ratio)
+    bad = _number_problems(opts)
+    if bad:
+        raise ExportError("; ".join(bad))
     if opts.trt:
         from .tensorrt_build import INSTALL_HINT, tensorrt_available
 
@@ -175,20 +232,26 @@ def preflight(opts: ExportOptions) -> Path:
     elif opts.fp16:
         raise ExportError("--fp16 sets the TensorRT engine's precision (ONNX stays fp32 for the 1e-4 gate); "
                           "add --trt, or drop --fp16")
-    parse_ratio(opts.ratio)
     if opts.masks is not None and not Path(opts.masks).is_file():
         raise ExportError(f"masks file not found: {opts.masks}")
     if opts.masks is None and opts.beta not in BETAS:
-        raise ExportError(f"--beta must be one of {', '.join(BETAS)} (got {opts.beta!r})")
+        try:
+            b = float(opts.beta)
+        except ValueError:
+            b = math.nan
+        if not (math.isfinite(b) and b >= 0):
+            raise ExportError(f"--beta must be one of {', '.join(BETAS)} or a number >= 0 (got {opts.beta!r})")
+    if opts.retrain_steps < 0:
+        raise ExportError(f"--retrain-steps must be >= 0 (got {opts.retrain_steps})")
     model_path = resolve_model_path(opts.model)
     if not Path(model_path).exists():
         hint = (" (the embedded toy is not installed in this checkout: train it with scripts/train_toy.py)"
                 if opts.model in ("toy", None) else "")
         raise ExportError(f"model not found: {model_path}{hint}")
-    if opts.learn_steps < 1:
-        raise ExportError(f"learn steps must be >= 1 (got {opts.learn_steps})")
-    if out.parent.exists() and not os.access(out.parent, os.W_OK):
-        raise ExportError(f"output folder {out.parent} is not writable")
+    if opts.eval_spec is not None and not Path(opts.eval_spec).is_file():
+        raise ExportError(f"--eval-spec file not found: {opts.eval_spec}")
+    if opts.eval_prompts is not None and not Path(opts.eval_prompts).is_file():
+        raise ExportError(f"--eval-prompts file not found: {opts.eval_prompts}")
     return out
 
 
@@ -215,18 +278,35 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
     if src is not None:
         run.masks = MaskSet.load(src, expect_fingerprint=fp)
         run.masks_source = str(src)
-        summary = f"loaded {src}"
+        summary = f"loaded {src} (beta {run.masks.meta.get('beta', '?')})"
+        for name in ("random", "shuffled"):  # controls shipped beside the masks (uniforget learn --controls)
+            c = src.with_name(src.name.removesuffix(".safetensors") + f".control-{name}.safetensors")
+            if c.is_file():
+                run.controls[name] = MaskSet.load(c, expect_fingerprint=fp)
     else:
-        from uniforget.learn import LearnConfig, LearnRequest, parse_beta, run_learn
+        from uniforget.learn import LearnConfig, LearnRequest, control_path_for, parse_beta, run_learn
 
-        cfg = LearnConfig(beta=parse_beta(opts.beta), steps=opts.learn_steps)
-        run.obs.start("masks: learning", total=cfg.steps)
-        req = LearnRequest(model=str(opts.model), out=run.tmp / "masks.learned.safetensors", config=cfg,
-                           checkpoint_every=0, drift_prompts=0)
+        cal = None
+        if opts.beta == "auto":
+            from uniforget.calibrate import CalibrationConfig
+
+            cal = CalibrationConfig()
+        cfg = LearnConfig(beta=cal.ladder[0] if cal else parse_beta(opts.beta), steps=opts.learn_steps)
+        total = cfg.steps + (0 if cal is None else (len(cal.ladder) - 1) * max(1, cfg.steps // 2))
+        run.obs.start("masks: learning" + (" (--beta auto ladder)" if cal else ""), total=total)
+        out = run.tmp / "masks.learned.safetensors"
+        want_controls = opts.validate and opts.size.controls and _eval_data(run) is not None
+        req = LearnRequest(model=str(opts.model), out=out, config=cfg, checkpoint_every=0,
+                           drift_prompts=16 if want_controls else 0, controls=want_controls, calibration=cal)
         res = run_learn(req, callback=lambda stats: run.obs.advance(1))
         run.masks = res.maskset
-        run.masks_source = f"learned here (beta {opts.beta}, {cfg.steps} steps, {res.wall_s:.0f} s)"
-        (run.tmp / "masks.learned.safetensors").unlink(missing_ok=True)
+        run.masks_source = f"learned here (beta {res.maskset.meta.get('beta')}" + (
+            f" chosen by --beta auto from {res.maskset.meta.get('calibration_rungs')}" if cal else "") + \
+            f", {res.wall_s:.0f} s)"
+        for name in ("random", "shuffled") if want_controls else ():
+            run.controls[name] = MaskSet.load(control_path_for(out, name))
+            control_path_for(out, name).unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
         summary = run.masks_source
     run.masks.save(run.tmp / "masks.safetensors")
     return summary, None
@@ -269,6 +349,35 @@ def stage_prune(run: _Run) -> tuple[str, dict | None]:
                           "nothing was written")
     save_slim_unet(run.slim, run.plan, run.tmp / "unet")
     return f"slim == gated: max abs {worst:.2e} (<= {tol:g}); saved unet/", gate
+
+
+def stage_retrain(run: _Run) -> tuple[str, dict | None]:
+    """Brief neutral retrain of the slim UNet against the frozen original (uniforget.retrain). The slim == gated
+    gate above holds for the pruned weights; the retrained ones start a new parity chain (ONNX Runtime next)."""
+    import copy
+
+    from uniforget.evaluate import sampling_defaults
+    from uniforget.models import resolve_model_path
+    from uniforget.prompts import load_prompts
+    from uniforget.retrain import RetrainConfig, retrain_unet
+    from uniforget.sampler import encode_prompts
+    from uniforget.slim_io import save_slim_unet
+
+    opts = run.opts
+    model_dir = Path(resolve_model_path(opts.model))
+    guidance = sampling_defaults(model_dir if model_dir.is_dir() else None).get("guidance_scale")
+    cfg = RetrainConfig(steps=opts.retrain_steps, **({"guidance_scale": float(guidance)} if guidance else {}))
+    prompts = load_prompts(None, model=str(opts.model))
+    cond = encode_prompts(run.pipe, prompts)
+    run.pruned = copy.deepcopy(run.slim).eval()
+    run.obs.start("retrain", total=cfg.steps)
+    res = retrain_unet(run.slim, run.dense, run.pipe.scheduler, cond, cfg, callback=lambda s: run.obs.advance(1))
+    run.slim = res.unet.eval()
+    run.slim.requires_grad_(False)
+    save_slim_unet(run.slim, run.plan, run.tmp / "unet", overwrite=True)
+    first, last = (res.history[0].loss, res.history[-1].loss) if res.history else (float("nan"),) * 2
+    return (f"{cfg.steps} steps on {len(prompts)} neutral prompts, noise-matching loss {first:.3g} -> {last:.3g}; "
+            "unet/ now holds the retrained weights"), None
 
 
 def stage_onnx(run: _Run) -> tuple[str, dict | None]:
@@ -325,6 +434,11 @@ def stage_triton(run: _Run) -> tuple[str, dict | None]:
     res = write_repository(TritonRepoOptions(
         out_dir=run.tmp / "triton", unet_onnx=run.tmp / "onnx" / "unet.onnx", trt_dir=run.trt_dir,
         pipeline_dir=pipeline if pipeline.is_dir() else None))
+    if not res.schema_checked:  # base install: the configs are written, only Triton's schema check is skipped
+        from .triton_repo import SCHEMA_SKIPPED
+
+        run.notes.append(f"Triton repository: {SCHEMA_SKIPPED}")
+        return f"triton/ with {', '.join(res.models)} (schema check skipped: tritonclient not installed)", None
     return f"triton/ with {', '.join(res.models)} (configs checked against Triton's schema)", None
 
 
@@ -335,15 +449,21 @@ def _eval_data(run: _Run) -> Any:
     opts = run.opts
     if opts.eval_data is not None:
         return opts.eval_data
+    if opts.eval_prompts is not None:
+        unet = run.pipe.unet
+        size = int(unet.config.sample_size) * int(getattr(run.pipe, "vae_scale_factor", 8))
+        return EvalData.from_file(opts.eval_prompts, size)
     if opts.model not in ("toy", None) and opts.eval_spec is None:
         return None
     return EvalData.from_toy(opts.eval_spec, judge_beside(Path(resolve_model_path(opts.model))))
 
 
 def stage_validate(run: _Run) -> tuple[str, dict | None]:
-    """Memorization and quality, original vs slim (torch pipeline, same prompts and seeds); then latency."""
-    from uniforget.evaluate import EvalConfig, evaluate, sampling_defaults
+    """Memorization and quality of the original, the slim model (before and after a retrain) and the controls at
+    matched drift (torch pipeline, same prompts and seeds), the verdict; then latency."""
+    from uniforget.evaluate import EvalConfig, _subset, evaluate, sampling_defaults
     from uniforget.models import resolve_model_path
+    from uniforget.verdict import decide
 
     from .bench import BenchOptions, bench_pair
 
@@ -351,30 +471,47 @@ def stage_validate(run: _Run) -> tuple[str, dict | None]:
     data = _eval_data(run)
     parts = []
     if data is None:
-        run.notes.append("memorization not measured: no evaluation data for this model (give --eval-spec, a "
-                         "dataset spec listing the memorized items and their captions)")
+        run.notes.append("memorization not measured: no evaluation data for this model (give --eval-prompts, a JSON "
+                         "of neutral prompts and suspect captions with optional reference images, or --eval-spec)")
+        run.verdict = ("Memorization not measured: this model came without evaluation data, so neither copies nor "
+                       "the empty-prompt and Wen signatures could be checked; rerun with --eval-prompts FILE.")
     else:
         cfg = EvalConfig(seeds=size.seeds, neutral_seeds=size.neutral_seeds, neutral_prompts=size.neutral_prompts,
-                         steps=size.steps, guidance=size.guidance, batch_size=size.batch_size, perturb_norms=size.perturb_norms,
-                         optimized_norm=size.optimized_norm, progress=opts.progress)
+                         steps=size.steps, guidance=size.guidance, batch_size=size.batch_size,
+                         perturb_norms=size.perturb_norms, optimized_norm=size.optimized_norm,
+                         empty_seeds=size.empty_seeds, progress=opts.progress)
+        light = EvalConfig(**{**cfg.__dict__, "perturb_norms": (), "optimized_norm": None, "empty_seeds": 0})
         model_dir = Path(resolve_model_path(opts.model))
         defaults = sampling_defaults(model_dir if model_dir.is_dir() else None)
         original = evaluate(run.pipe, data, cfg, label="original", defaults=defaults)
         dense = run.pipe.unet
-        run.pipe.unet = run.slim
-        try:
-            slim = evaluate(run.pipe, data, cfg, reference=original, label="slim", defaults=defaults)
-        finally:
-            run.pipe.unet = dense
-        from uniforget.evaluate import _subset
 
+        def with_unet(unet: Any, label: str) -> Any:
+            run.pipe.unet = unet
+            try:
+                return evaluate(run.pipe, data, cfg, reference=original, label=label, defaults=defaults)
+            finally:
+                run.pipe.unet = dense
+
+        slim = with_unet(run.pruned if run.pruned is not None else run.slim, "slim")
+        retrained = with_unet(run.slim, "retrained") if run.pruned is not None else None
+        controls = {name: evaluate(run.pipe, data, light, gates=ms, reference=original, label=f"control {name}",
+                                   defaults=defaults) for name, ms in run.controls.items()} if size.controls else {}
+        final = retrained or slim
+        verdict = decide(original, final, controls, what="the retrained slim model" if retrained else
+                         "the slim model")
+        run.verdict = verdict
         idx = _subset(len(data.neutral_prompts), cfg.neutral_prompts)
-        run.evaluation = {"config": asdict(cfg), "original": original, "slim": slim,
+        run.evaluation = {"config": asdict(cfg), "original": original, "slim": slim, "retrained": retrained,
+                          "controls": controls, "verdict": verdict,
                           "memorized_captions": list(data.memorized_captions),
                           "neutral_prompts": [data.neutral_prompts[i] for i in idx]}
-        parts.append(f"copy rate {original.memorized.copy_rate:.0%} -> {slim.memorized.copy_rate:.0%}")
-        if slim.judge_accuracy is not None:
-            parts.append(f"judge {original.judge_accuracy:.0%} -> {slim.judge_accuracy:.0%}")
+        if retrained is None:
+            run.evaluation.pop("retrained")
+        parts.append(f"{verdict.status}: copy rate {original.memorized.copy_rate:.0%} -> "
+                     f"{final.memorized.copy_rate:.0%}")
+        if final.judge_accuracy is not None:
+            parts.append(f"judge {original.judge_accuracy:.0%} -> {final.judge_accuracy:.0%}")
     bopts = BenchOptions(runtimes=("eager", "onnxruntime") + (("tensorrt",) if run.trt_dir else ()),
                          batch=size.bench_batch, runs=size.bench_runs, seq_len=int(
                              getattr(getattr(run.pipe, "tokenizer", None), "model_max_length", 77) or 77))
@@ -413,8 +550,10 @@ def run_export(opts: ExportOptions, observer: StageObserver | None = None) -> Ex
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     run = _Run(opts, tmp, obs)
     stages: list[tuple[str, Callable[[_Run], tuple[str, dict | None]]]] = [
-        ("load model", stage_load), ("masks", stage_masks), ("plan", stage_plan), ("slim UNet", stage_prune),
-        ("ONNX UNet", stage_onnx), ("ONNX pipeline", stage_pipeline)]
+        ("load model", stage_load), ("masks", stage_masks), ("plan", stage_plan), ("slim UNet", stage_prune)]
+    if opts.retrain_steps > 0:
+        stages.append(("retrain", stage_retrain))
+    stages += [("ONNX UNet", stage_onnx), ("ONNX pipeline", stage_pipeline)]
     if opts.trt:
         stages.append(("TensorRT", stage_tensorrt))
     stages.append(("Triton repository", stage_triton))
@@ -441,6 +580,7 @@ def run_export(opts: ExportOptions, observer: StageObserver | None = None) -> Ex
         data = ReportData(
             title=f"uniforget export: {opts.model} at ratio {opts.ratio}", command=opts.command, options=options,
             stages=tuple(records), plan=plan_summary, parity=run.parity, evaluation=run.evaluation,
+            verdict=run.verdict,
             bench=run.bench, wall_seconds=wall, notes=tuple(run.notes), environment=_environment(),
             artifacts=_artifacts(tmp))
         written = write_report(data, tmp / "report")
@@ -453,7 +593,7 @@ def run_export(opts: ExportOptions, observer: StageObserver | None = None) -> Ex
     log.info("wrote %s", out)
     return ExportResult(out, tuple(records), run.parity, plan_summary, run.evaluation, run.bench,
                         {k: out / Path(v).relative_to(tmp) for k, v in written.items()},
-                        time.perf_counter() - t_start)
+                        time.perf_counter() - t_start, run.verdict)
 
 
 def _without_data(opts: ExportOptions) -> ExportOptions:

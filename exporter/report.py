@@ -44,7 +44,10 @@ class ReportData:
     stages: tuple[StageRecord, ...]
     plan: dict[str, Any]  # uniforget.plan.plan_dict_summary
     parity: dict[str, Any]  # per gate: max_abs, max_rel, tolerance, passed
-    evaluation: dict[str, Any] | None = None  # {"config": .., "original": Evaluation, "slim": Evaluation}
+    # {"config": .., "original": Evaluation, "slim": Evaluation, "retrained": Evaluation (optional),
+    #  "controls": {"random": Evaluation, "shuffled": Evaluation} (optional), "verdict": Verdict}
+    evaluation: dict[str, Any] | None = None
+    verdict: Any = None  # uniforget.verdict.Verdict, or a plain sentence where nothing could be measured
     bench: Any = None  # exporter.bench.BenchResult
     artifacts: dict[str, str] = field(default_factory=dict)
     wall_seconds: float = 0.0
@@ -66,15 +69,32 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def _jsonable(v: Any) -> Any:
+    from dataclasses import asdict, is_dataclass
+
+    if hasattr(v, "to_json"):
+        return v.to_json()
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if is_dataclass(v) and not isinstance(v, type):
+        return asdict(v)
+    return v
+
+
+def _verdict_sentence(v: Any) -> str | None:
+    return None if v is None else (v if isinstance(v, str) else v.sentence)
+
+
 def to_json(data: ReportData) -> dict[str, Any]:
     """The machine-readable report: every number the markdown shows, plus the per-stage records."""
     ev = None
     if data.evaluation is not None:
-        ev = {k: (v.to_json() if hasattr(v, "to_json") else v) for k, v in data.evaluation.items()}
+        ev = {k: _jsonable(v) for k, v in data.evaluation.items()}
     return _clean({
         "format": FORMAT, "title": data.title, "command": data.command, "options": data.options,
         "wall_seconds": data.wall_seconds,
         "stages": [{"name": s.name, "seconds": s.seconds, "summary": s.summary, "gate": s.gate} for s in data.stages],
+        "verdict": _jsonable(data.verdict) if data.verdict is not None else None,
         "parity": data.parity, "plan": data.plan, "evaluation": ev,
         "latency": data.bench.to_json() if data.bench is not None else None,
         "artifacts": data.artifacts, "notes": list(data.notes), "environment": data.environment,
@@ -168,35 +188,59 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return out + [""]
 
 
-def _eval_rows(orig: Any, slim: Any) -> list[list[str]]:
-    def rel_drop(a: float | None, b: float | None) -> str:
-        if a is None or b is None or a == 0:
-            return "–"
-        change = -100 * (a - b) / a
-        return "no change" if abs(change) < 0.5 else f"{change:+.0f}% (relative)"
+def _rel_drop(a: float | None, b: float | None) -> str:
+    if a is None or b is None or a == 0 or (isinstance(a, float) and math.isnan(a)):
+        return "–"
+    change = -100 * (a - b) / a
+    return "no change" if abs(change) < 0.5 else f"{change:+.0f}%"
+
+
+def _eval_rows(orig: Any, cols: Sequence[Any]) -> list[list[str]]:
+    """One row per measure: the original, then each later column (slim, retrained, controls) with the relative
+    change of the headline rates beside the value."""
+
+    def rate(get: Any) -> list[str]:
+        a = get(orig)
+        return [_pct(a)] + [f"{_pct(get(c))} ({_rel_drop(a, get(c))})" for c in cols]
+
+    def plain(get: Any, fmt: Any = _pct) -> list[str]:
+        return [fmt(get(orig))] + [fmt(get(c)) for c in cols]
+
+    def empty(e: Any, i: int) -> Any:
+        return None if e.empty_prompt is None else (e.empty_prompt.nearest_planted, e.empty_prompt.copies)[i]
 
     rows = [
-        ["memorized copy rate (strict)", _pct(orig.memorized.copy_rate), _pct(slim.memorized.copy_rate),
-         rel_drop(orig.memorized.copy_rate, slim.memorized.copy_rate)],
-        ["nearest training image = planted item", _pct(orig.memorized.nn_identity), _pct(slim.memorized.nn_identity),
-         rel_drop(orig.memorized.nn_identity, slim.memorized.nn_identity)],
-        ["SSIM to planted image", _num(orig.memorized.ssim), _num(slim.memorized.ssim), ""],
+        ["memorized copy rate (strict)", *rate(lambda e: e.memorized.copy_rate)],
+        ["nearest training image = planted item", *rate(lambda e: e.memorized.nn_identity)],
+        ["SSIM to planted image", *plain(lambda e: e.memorized.ssim, _num)],
     ]
     for key in orig.perturbed:
-        a, b = orig.perturbed[key], slim.perturbed.get(key)
-        rows.append([f"copy rate, trigger embedding {key}", _pct(a.copy_rate), _pct(b.copy_rate if b else None),
-                     rel_drop(a.copy_rate, b.copy_rate if b else None)])
+        rows.append([f"copy rate, trigger embedding {key}",
+                     *rate(lambda e, k=key: e.perturbed[k].copy_rate if k in e.perturbed else None)])
     rows += [
-        ["Wen noise-norm AUC (memorized vs neutral)", _num(orig.wen_auc), _num(slim.wen_auc), ""],
-        ["neutral judge accuracy (shape and colour)", _pct(orig.judge_accuracy), _pct(slim.judge_accuracy), ""],
-        ["neutral generations copying an item", _pct(orig.neutral_copy_rate), _pct(slim.neutral_copy_rate), ""],
-        ["drift vs original, neutral (RMS pixels)", "0", _num(slim.drift_neutral, ".4f"), ""],
-        ["drift vs original, memorized (RMS pixels)", "0", _num(slim.drift_memorized, ".4f"), ""],
-        ["selectivity (memorized drift / neutral drift)", "–", _num(slim.selectivity, ".2f"), ""],
-        ["generations (memorized / neutral)", f"{orig.n_memorized} / {orig.n_neutral}",
-         f"{slim.n_memorized} / {slim.n_neutral}", ""],
+        ["Wen noise-norm AUC (memorized vs neutral)", *plain(lambda e: e.wen_auc, _num)],
+        ["Wen direction", *plain(lambda e: e.signature.wen_direction, str)],
+        ["empty prompt: nearest a planted image", *plain(lambda e: empty(e, 0))],
+        ["empty prompt: strict copies", *plain(lambda e: empty(e, 1))],
+        ["memorization kind", *plain(lambda e: e.signature.kind, str)],
+        ["neutral judge accuracy (shape and colour)", *plain(lambda e: e.judge_accuracy)],
+        ["neutral generations copying an item", *plain(lambda e: e.neutral_copy_rate)],
+        ["drift vs original, neutral (RMS pixels)", "0", *[_num(c.drift_neutral, ".4f") for c in cols]],
+        ["drift vs original, memorized (RMS pixels)", "0", *[_num(c.drift_memorized, ".4f") for c in cols]],
+        ["selectivity (memorized drift / neutral drift)", "–", *[_num(c.selectivity, ".2f") for c in cols]],
+        ["generations (memorized / neutral)", *plain(lambda e: f"{e.n_memorized} / {e.n_neutral}", str)],
     ]
     return rows
+
+
+def eval_columns(ev: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(header, Evaluation) for every column after the original, in report order."""
+    cols = [("slim (pruned)" if "retrained" in ev else "slim", ev["slim"])]
+    if ev.get("retrained") is not None:
+        cols.append(("slim + retrain", ev["retrained"]))
+    for name, c in (ev.get("controls") or {}).items():
+        cols.append((f"control: {name}", c))
+    return cols
 
 
 def to_markdown(data: ReportData, images: dict[str, str], chart: str | None) -> str:
@@ -208,22 +252,30 @@ def to_markdown(data: ReportData, images: dict[str, str], chart: str | None) -> 
     if p.get("flop_ratio") is not None:
         headline.append(f"FLOPs ×{p['flop_ratio']:.3f}")
     ev = data.evaluation
+    verdict = _verdict_sentence(data.verdict)
+    if verdict:
+        L += [f"**{verdict}**", ""]
     if ev is not None:
-        o, s = ev["original"], ev["slim"]
+        o, s = ev["original"], ev.get("retrained") or ev["slim"]
         headline.insert(0, f"memorized copy rate {_pct(o.memorized.copy_rate)} → {_pct(s.memorized.copy_rate)}")
         headline.append(f"neutral judge accuracy {_pct(o.judge_accuracy)} → {_pct(s.judge_accuracy)}")
     all_passed = all(v.get("passed", True) for v in data.parity.values())
     headline.append("every parity gate passed" if all_passed else "A PARITY GATE FAILED")
-    L += ["**" + "; ".join(headline) + ".**", "", f"Wall time {data.wall_seconds:.0f} s.", ""]
+    L += [";  ".join(headline) + ".", "", f"Wall time {data.wall_seconds:.0f} s.", ""]
 
     if ev is not None:
         cfg = ev.get("config", {})
-        L += ["## Memorization and quality, original vs slim", "",
-              f"Same prompts and seeds on both sides: {cfg.get('seeds')} seed(s) per memorized caption, "
+        cols = eval_columns(ev)
+        L += ["## Memorization and quality", "",
+              f"Same prompts and seeds in every column: {cfg.get('seeds')} seed(s) per memorized caption, "
               f"{s.n_neutral} neutral generations ({cfg.get('neutral_prompts') or 'all'} held-out prompts × "
-              f"{cfg.get('neutral_seeds')} seed(s)), {o.steps} sampler steps, guidance {o.guidance:g}. "
-              "Definitions in report.json (`evaluation.definitions`).", ""]
-        L += _table(["measure", "original", "slim", "change"], _eval_rows(o, s))
+              f"{cfg.get('neutral_seeds')} seed(s)), {cfg.get('empty_seeds', 0)} empty-prompt generations, "
+              f"{o.steps} sampler steps, guidance {o.guidance:g}. Relative change against the original in "
+              "brackets. Controls (where shown) are gates that were not learned, tuned to the learned masks' "
+              "neutral latent drift: random removal of as many units, and the learned values shuffled within each "
+              "module. Definitions in report.json (`evaluation.definitions`).", "",
+              f"Memorization signature of the original: {o.signature.reading}.", ""]
+        L += _table(["measure", "original", *[h for h, _ in cols]], _eval_rows(o, [c for _, c in cols]))
         for key, title in (("memorized", "Memorized captions"), ("neutral", "Neutral prompts")):
             if key in images:
                 L += [f"**{title}** (left: original, right: slim)", "", f"![{title}]({images[key]})", ""]
@@ -287,7 +339,7 @@ def write_report(data: ReportData, out_dir: str | os.PathLike) -> dict[str, Path
     images: dict[str, str] = {}
     ev = data.evaluation
     if ev is not None:
-        o, s = ev["original"], ev["slim"]
+        o, s = ev["original"], ev.get("retrained") or ev["slim"]  # the model that ships
         captions, neutral = ev.get("memorized_captions", ()), ev.get("neutral_prompts", ())
         seeds, nseeds = int(ev["config"]["seeds"]), int(ev["config"]["neutral_seeds"])
         if o.memorized_images is not None and s.memorized_images is not None and captions:

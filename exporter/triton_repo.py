@@ -6,9 +6,11 @@ Models written (each `<name>/config.pbtxt` + `<name>/1/<model file>`):
 - `pipeline`    backend `python`: prompt + seed -> uint8 image, running the exported ONNX pipeline
                 (text encoder, slim UNet, VAE decoder) through ONNX Runtime, as Triton's Stable Diffusion
                 tutorial runs its pipeline in a Python-backend model.
-Instance groups and dynamic batching are options. Every config.pbtxt is rendered from a ModelConfig protobuf
-message and parsed back against Triton's own schema (tritonclient's model_config_pb2) before the repository is
-renamed into place: a config Triton would reject never lands.
+Instance groups and dynamic batching are options. Every config is built as plain data (ModelConfig's protobuf
+JSON form), rendered to config.pbtxt and parsed back against Triton's own schema (tritonclient's model_config_pb2)
+before the repository is renamed into place: a config Triton would reject never lands. On a base install without
+tritonclient the same text is rendered here and only that schema check is skipped, with one logged note
+(`TritonRepoResult.schema_checked` says which happened).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from .tensorrt_build import BUILD_JSON, PLAN_NAME, InputSpec, load_build_record,
 log = logging.getLogger(__name__)
 
 TRITON_HINT = 'pip install "uniforget[triton]" (tritonclient[http] and protobuf)'
+SCHEMA_SKIPPED = ("config.pbtxt files not checked against Triton's ModelConfig schema: tritonclient is not "
+                  f"installed; to check them, {TRITON_HINT}")
 UNET_ONNX, UNET_TRT, PIPELINE = "unet_onnx", "unet_trt", "pipeline"
 # what the Python-backend pipeline model imports (exporter.onnx_pipeline and its import closure: NumPy +
 # onnxruntime + tokenizer only), copied into `<version>/vendor/` so the repository runs without this package
@@ -40,6 +44,15 @@ PIPELINE_SUBDIR = "pipeline"  # the ONNX pipeline folder inside the model's vers
 _NP_TO_TRITON = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "bfloat16": "TYPE_BF16",
                  "int64": "TYPE_INT64", "int32": "TYPE_INT32", "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8"}
 _DEFAULT_FILES = {"onnxruntime_onnx": "model.onnx", "tensorrt_plan": "model.plan", "python": "model.py"}
+
+
+def schema_available() -> bool:
+    """Whether Triton's ModelConfig schema (tritonclient + protobuf) can be loaded here."""
+    try:
+        model_config_pb2()
+    except MissingDependencyError:
+        return False
+    return True
 
 
 def model_config_pb2():
@@ -124,10 +137,62 @@ def _semantic_problems(cfg, mc) -> list[str]:
     return problems
 
 
-def render_config(cfg) -> str:
+def config_message(cfg: dict[str, Any]):
+    """Plain config data -> Triton's ModelConfig message (needs tritonclient); unknown fields are an error."""
+    from google.protobuf import json_format  # noqa: PLC0415
+
+    try:
+        return json_format.ParseDict(cfg, model_config_pb2().ModelConfig())
+    except json_format.ParseError as e:
+        raise ValidationError(f"{cfg.get('name', 'config')}: not a valid Triton ModelConfig: {e}", [str(e)]) from e
+
+
+def render_config(cfg: dict[str, Any], schema: bool | None = None) -> str:
+    """config.pbtxt text of plain config data: through the protobuf message where tritonclient is installed
+    (`schema` None: whenever it is), else by `render_text`, which writes the same fields without checking them."""
+    if schema is None:
+        schema = schema_available()
+    if not schema:
+        return render_text(cfg)
     from google.protobuf import text_format  # noqa: PLC0415
 
-    return text_format.MessageToString(cfg)
+    return text_format.MessageToString(config_message(cfg))
+
+
+_ENUM_FIELDS = {"data_type", "kind"}  # their values are enum names (TYPE_FP32, KIND_CPU), written unquoted
+_MAP_FIELDS = {"parameters"}  # map<string, message>: written as repeated {key, value} entries
+
+
+def _text_scalar(field: str, v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if field in _ENUM_FIELDS:
+        return str(v)
+    raw = str(v).encode("utf-8")  # protobuf text escapes: quotes, backslash, non-printable and non-ASCII as octal
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03o}" for b in raw) + '"'
+
+
+def render_text(cfg: dict[str, Any], indent: int = 0) -> str:
+    """Protobuf text format of plain config data (what text_format.MessageToString writes, field order aside)."""
+    pad, lines = "  " * indent, []
+    for field, v in cfg.items():
+        if field in _MAP_FIELDS:
+            for key, value in v.items():
+                lines.append(f"{pad}{field} {{\n{pad}  key: {_text_scalar('key', key)}\n{pad}  value {{\n"
+                             f"{render_text(value, indent + 2)}{pad}  }}\n{pad}}}")
+        elif isinstance(v, dict):
+            lines.append(f"{pad}{field} {{\n{render_text(v, indent + 1)}{pad}}}")
+        elif isinstance(v, (list, tuple)) and not v:
+            continue  # an empty repeated field is the same as an absent one
+        elif isinstance(v, (list, tuple)) and isinstance(v[0], dict):
+            lines += [f"{pad}{field} {{\n{render_text(item, indent + 1)}{pad}}}" for item in v]
+        elif isinstance(v, (list, tuple)):
+            lines.append(f"{pad}{field}: [{', '.join(_text_scalar(field, x) for x in v)}]")
+        else:
+            lines.append(f"{pad}{field}: {_text_scalar(field, v)}")
+    return "".join(line + "\n" for line in lines)
 
 
 def validate_repository(repo: Path) -> dict[str, Any]:
@@ -210,35 +275,34 @@ class TritonRepoResult:
     path: Path
     models: tuple[str, ...]
     configs: dict[str, Path]
+    schema_checked: bool = True  # False: tritonclient missing, configs written unchecked (SCHEMA_SKIPPED)
 
 
-def _kind(mc, kind: str):
-    return {"cpu": mc.ModelInstanceGroup.KIND_CPU, "gpu": mc.ModelInstanceGroup.KIND_GPU,
-            "auto": mc.ModelInstanceGroup.KIND_AUTO}[kind]
+def _kind(kind: str) -> str:
+    return {"cpu": "KIND_CPU", "gpu": "KIND_GPU", "auto": "KIND_AUTO"}[kind]
 
 
-def _add_tensor(mc, coll, spec: InputSpec, batched: bool) -> None:
+def _tensor(spec: InputSpec, batched: bool) -> dict[str, Any]:
     """Dims from the ONNX shape: dynamic -> -1; with Triton batching dim 0 is implied and dropped, and a tensor
     that is only a batch axis (e.g. `timestep` (B,)) becomes dims [1] reshaped to a scalar per item."""
     if spec.dtype not in _NP_TO_TRITON:
         raise ExportError(f"tensor {spec.name!r} has type {spec.dtype}, which the Triton config cannot declare")
-    t = coll.add()
-    t.name = spec.name
-    t.data_type = getattr(mc, _NP_TO_TRITON[spec.dtype])
+    t: dict[str, Any] = {"name": spec.name, "data_type": _NP_TO_TRITON[spec.dtype]}
     dims = [d if isinstance(d, int) and d > 0 else -1 for d in spec.dims]
     if batched:
         if not dims:
             raise ExportError(f"tensor {spec.name!r} is a scalar and cannot be batched: use --max-batch-size 0")
         dims = dims[1:]
         if not dims:
-            t.reshape.SetInParent()  # empty shape: one scalar per batch item
+            t["reshape"] = {}  # empty shape: one scalar per batch item
             dims = [1]
-    t.dims.extend(dims)
+    t["dims"] = dims
+    return t
 
 
-def unet_config(name: str, platform: str, onnx_path: Path, opts: TritonRepoOptions, kind: str):
-    """ModelConfig for the UNet, IO names/types/dims taken from the ONNX graph the model (or plan) came from."""
-    mc = model_config_pb2()
+def unet_config(name: str, platform: str, onnx_path: Path, opts: TritonRepoOptions, kind: str) -> dict[str, Any]:
+    """ModelConfig (as plain data) for the UNet, IO names/types/dims from the ONNX graph the model (or plan) came
+    from."""
     inputs, outputs = onnx_io(onnx_path)
     batched = opts.max_batch_size > 0
     if batched:
@@ -246,28 +310,27 @@ def unet_config(name: str, platform: str, onnx_path: Path, opts: TritonRepoOptio
             if s.dims and isinstance(s.dims[0], int) and s.dims[0] > 0:
                 raise ExportError(f"{onnx_path}: {s.name!r} has a fixed first dim {s.dims[0]}; Triton batching needs "
                                   "a dynamic batch axis (re-export with dynamic axes, or --max-batch-size 0)")
-    cfg = mc.ModelConfig(name=name, platform=platform, max_batch_size=opts.max_batch_size)
-    for s in inputs:
-        _add_tensor(mc, cfg.input, s, batched)
-    for s in outputs:
-        _add_tensor(mc, cfg.output, s, batched)
-    cfg.instance_group.add(kind=_kind(mc, kind), count=opts.instances)
+    cfg: dict[str, Any] = {"name": name, "platform": platform, "max_batch_size": opts.max_batch_size,
+                           "input": [_tensor(s, batched) for s in inputs],
+                           "output": [_tensor(s, batched) for s in outputs],
+                           "instance_group": [{"kind": _kind(kind), "count": opts.instances}]}
     if opts.dynamic_batching:
-        cfg.dynamic_batching.max_queue_delay_microseconds = opts.max_queue_delay_us
+        cfg["dynamic_batching"] = {"max_queue_delay_microseconds": opts.max_queue_delay_us}
     return cfg
 
 
-def pipeline_config(opts: TritonRepoOptions, python_env: Path | None):
+def pipeline_config(opts: TritonRepoOptions, python_env: Path | None) -> dict[str, Any]:
     """The text-to-image model: one prompt per request (batching happens inside the pipeline's CFG batch)."""
-    mc = model_config_pb2()
-    cfg = mc.ModelConfig(name=PIPELINE, backend="python", max_batch_size=0)
-    cfg.input.add(name="prompt", data_type=mc.TYPE_STRING, dims=[1])
-    cfg.input.add(name="negative_prompt", data_type=mc.TYPE_STRING, dims=[1], optional=True)
-    cfg.input.add(name="seed", data_type=mc.TYPE_INT64, dims=[1], optional=True)
-    cfg.input.add(name="steps", data_type=mc.TYPE_INT32, dims=[1], optional=True)
-    cfg.input.add(name="guidance_scale", data_type=mc.TYPE_FP32, dims=[1], optional=True)
-    cfg.output.add(name="image", data_type=mc.TYPE_UINT8, dims=[-1, -1, 3])
-    cfg.instance_group.add(kind=_kind(mc, "cpu" if opts.instance_kind == "cpu" else "auto"), count=opts.instances)
+    cfg: dict[str, Any] = {
+        "name": PIPELINE, "backend": "python", "max_batch_size": 0,
+        "input": [{"name": "prompt", "data_type": "TYPE_STRING", "dims": [1]},
+                  {"name": "negative_prompt", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+                  {"name": "seed", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+                  {"name": "steps", "data_type": "TYPE_INT32", "dims": [1], "optional": True},
+                  {"name": "guidance_scale", "data_type": "TYPE_FP32", "dims": [1], "optional": True}],
+        "output": [{"name": "image", "data_type": "TYPE_UINT8", "dims": [-1, -1, 3]}],
+        "instance_group": [{"kind": _kind("cpu" if opts.instance_kind == "cpu" else "auto"),
+                            "count": opts.instances}]}
     params = {"pipeline_subdir": PIPELINE_SUBDIR, "steps": str(opts.steps),
               "guidance_scale": repr(float(opts.guidance_scale)), "threads": str(opts.threads),
               "providers": ",".join(opts.providers)}
@@ -276,8 +339,7 @@ def pipeline_config(opts: TritonRepoOptions, python_env: Path | None):
     if python_env is not None:
         # the 2.51 Python backend breaks under numpy 2: run the stub inside a venv that has numpy<2
         params["EXECUTION_ENV_PATH"] = str(python_env)
-    for k, v in params.items():
-        cfg.parameters[k].string_value = v
+    cfg["parameters"] = {k: {"string_value": v} for k, v in params.items()}
     return cfg
 
 
@@ -300,9 +362,10 @@ def _pipeline_sources() -> dict[str, Path]:
     return srcs
 
 
-def _write_config(model_dir: Path, cfg) -> Path:
-    text = render_config(cfg)
-    parse_config(text, f"{model_dir.name}/config.pbtxt")  # round trip through Triton's schema
+def _write_config(model_dir: Path, cfg: dict[str, Any], schema: bool) -> Path:
+    text = render_config(cfg, schema)
+    if schema:
+        parse_config(text, f"{model_dir.name}/config.pbtxt")  # round trip through Triton's schema
     p = model_dir / "config.pbtxt"
     p.write_text(text)
     return p
@@ -349,6 +412,9 @@ def write_repository(opts: TritonRepoOptions) -> TritonRepoResult:
     if opts.pipeline_dir is not None and python_env is not None and not (Path(python_env) / "bin").is_dir():
         raise ExportError(f"Python environment for the pipeline model not found: {python_env}")
 
+    schema = schema_available()
+    if not schema:
+        log.warning("%s", SCHEMA_SKIPPED)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     configs: dict[str, Path] = {}
@@ -358,7 +424,7 @@ def write_repository(opts: TritonRepoOptions) -> TritonRepoResult:
             d.mkdir(parents=True)
             _copy_onnx(Path(opts.unet_onnx), d / "model.onnx")
             cfg = unet_config(UNET_ONNX, "onnxruntime_onnx", Path(opts.unet_onnx), opts, opts.instance_kind)
-            configs[UNET_ONNX] = _write_config(tmp / UNET_ONNX, cfg)
+            configs[UNET_ONNX] = _write_config(tmp / UNET_ONNX, cfg, schema)
         if plan is not None:
             record = load_build_record(Path(opts.trt_dir))
             src_onnx = Path(record["onnx"]["path"])
@@ -370,7 +436,7 @@ def write_repository(opts: TritonRepoOptions) -> TritonRepoResult:
             _link_file(plan, d / "model.plan")
             shutil.copy2(Path(opts.trt_dir) / BUILD_JSON, tmp / UNET_TRT / BUILD_JSON)
             cfg = unet_config(UNET_TRT, "tensorrt_plan", src_onnx, opts, "gpu")
-            configs[UNET_TRT] = _write_config(tmp / UNET_TRT, cfg)
+            configs[UNET_TRT] = _write_config(tmp / UNET_TRT, cfg, schema)
         if opts.pipeline_dir is not None:
             d = tmp / PIPELINE / "1"
             d.mkdir(parents=True)
@@ -380,14 +446,15 @@ def write_repository(opts: TritonRepoOptions) -> TritonRepoResult:
             _link_or_copy(Path(opts.pipeline_dir), d / PIPELINE_SUBDIR)
             if opts.pipeline_unet == "tensorrt":
                 _link_file(plan, d / "unet.plan")
-            configs[PIPELINE] = _write_config(tmp / PIPELINE, pipeline_config(opts, python_env))
-        validate_repository(tmp)
+            configs[PIPELINE] = _write_config(tmp / PIPELINE, pipeline_config(opts, python_env), schema)
+        if schema:
+            validate_repository(tmp)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("Triton model repository written to %s: %s", out, ", ".join(configs))
-    return TritonRepoResult(out, tuple(configs), {k: out / v.relative_to(tmp) for k, v in configs.items()})
+    return TritonRepoResult(out, tuple(configs), {k: out / v.relative_to(tmp) for k, v in configs.items()}, schema)
 
 
 def _copy_onnx(src: Path, dst: Path) -> None:

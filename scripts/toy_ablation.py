@@ -17,29 +17,12 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from uniforget.controls import Gates
+from uniforget.controls import random_kind_ablation
 from uniforget.evaluate import EvalConfig, EvalData, evaluate, sampling_defaults, write_json
 from uniforget.models import load_pipeline, resolve_model_path
-from uniforget.targets import discover_targets
-
-
-def random_kind_gates(unet: torch.nn.Module, kind: str, fraction: float, seed: int,
-                      only: str | None = None) -> Gates:
-    """Close round(fraction * size) random units in every target of `kind` (optionally only paths containing
-    `only`); all other gates stay 1."""
-    gen = torch.Generator().manual_seed(seed)
-    out: Gates = {}
-    for t in discover_targets(unet):
-        g = torch.ones(t.size)
-        if t.kind == kind and (only is None or only in t.path):
-            m = round(fraction * t.size)
-            g[torch.randperm(t.size, generator=gen)[:m]] = 0.0
-        out[t.key] = g
-    return out
 
 
 def main() -> None:
@@ -69,7 +52,7 @@ def main() -> None:
         # "attn2": cross-attention heads only, the path every text trigger must take.
         gk, only = ("heads", ".attn2") if kind == "attn2" else (kind, None)
         for f in fractions:
-            gates = random_kind_gates(pipe.unet, gk, f, args.mask_seed, only)
+            gates = random_kind_ablation(pipe.unet, gk, f, args.mask_seed, only)
             ev = evaluate(pipe, data, cfg, gates=gates, reference=original, label=f"{kind}@{f}", defaults=defaults)
             rows.append({"kind": kind, "fraction": f, **_metrics(ev)})
             Console(stderr=True).print(f"{kind} {f:.2f}: copy {rows[-1]['copy_rate']:.2f} "

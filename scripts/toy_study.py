@@ -1,14 +1,18 @@
 """The product's science claim on the toy: learn masks at each beta, then measure memorization and fidelity
 against the original and against two controls at matched neutral drift (TESTBED.md, METHOD.md).
 
-    python scripts/toy_study.py --out runs/study [--betas weak,medium,strong] [--ship]
+    python scripts/toy_study.py --out runs/study [--betas auto,weak,medium,strong] [--ratio 0.05]
+        [--retrain-steps 200] [--ship]
 
-Per beta: `uniforget learn` (neutral training prompts only) also writes a random-removal and a shuffled-gates
-control matched on neutral latent drift over those training prompts. Every variant is then evaluated with the
-same seeds on the memorized captions and the held-out neutral prompts: strict copy rate, nearest-neighbour
-identity, SSIM, judge accuracy, pixel drift vs the original, selectivity, and the copy rate under perturbed
-trigger embeddings (random at stated relative norms, plus one optimized). Prints a table, writes study.json.
-`--ship` copies the learned MaskSets to uniforget/toy/masks/<beta>.safetensors.
+Per beta (`auto` = the calibrated strength, calibrate.py): `uniforget learn` (neutral training prompts only)
+also writes a random-removal and a shuffled-gates control matched on neutral latent drift over those training
+prompts. With `--ratio`, the masks are also pruned at that ratio (slim == gated is checked) and, with
+`--retrain-steps`, the slim UNet is briefly retrained on neutral prompts (retrain.py). Every variant (soft
+gates, slim, slim + retrain, both controls) is then evaluated with the same seeds on the memorized captions and
+the held-out neutral prompts: strict copy rate, nearest-neighbour identity, SSIM, judge accuracy, pixel drift
+vs the original, selectivity, Wen's AUC, and the copy rate under perturbed trigger embeddings (random at stated
+relative norms, plus one optimized). Prints a table, writes study.json. `--ship` copies the learned MaskSets
+and their controls to uniforget/toy/masks/.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from uniforget.calibrate import CalibrationConfig
 from uniforget.evaluate import EvalConfig, EvalData, evaluate, judge_beside, sampling_defaults, write_json
 from uniforget.learn import LearnConfig, LearnRequest, control_path_for, kind_summary, parse_beta, run_learn
 from uniforget.masks import MaskSet
@@ -63,6 +68,46 @@ def _num(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
 
+def _slim_variants(pipe, data, ecfg, original, defaults, ms: MaskSet, args, beta: str) -> dict:
+    """The masks pruned at --ratio (slim == gated checked), and that slim UNet after a brief neutral retrain."""
+    import copy
+
+    from uniforget.geometries import example_inputs
+    from uniforget.plan import make_plan
+    from uniforget.prompts import load_prompts
+    from uniforget.prune import check_parity, prune_unet
+    from uniforget.retrain import RetrainConfig, retrain_unet
+    from uniforget.sampler import encode_prompts
+
+    dense = pipe.unet
+    plan = make_plan(dense, ms, float(args.ratio))
+    slim = prune_unet(dense, plan).eval()
+    par = check_parity(dense, slim, plan, example_inputs(dense, 2, 8, 8, seed=3), atol=1e-5)
+    out: dict = {}
+    variants = [("slim", slim, 0.0)]
+    if args.retrain_steps:
+        student = copy.deepcopy(slim)
+        prompts = load_prompts(args.prompts, model=args.model)
+        cond = encode_prompts(pipe, prompts)
+        guidance = float(defaults.get("guidance_scale", 7.5))
+        t0 = time.perf_counter()
+        retrain_unet(student, dense, pipe.scheduler, cond, RetrainConfig(steps=args.retrain_steps,
+                                                                         guidance_scale=guidance))
+        variants.append(("retrained", student.eval(), time.perf_counter() - t0))
+    for name, unet, wall in variants:
+        pipe.unet = unet
+        try:
+            ev = evaluate(pipe, data, ecfg, reference=original, label=f"{beta}/{name}", defaults=defaults)
+        finally:
+            pipe.unet = dense
+        row = _row(ev, None)
+        row.update({"ratio_achieved": plan.ratio_achieved, "slim_parity_max_abs": par.max_abs})
+        if name == "retrained":
+            row["retrain_wall_s"] = wall
+        out[name] = row
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy")
@@ -72,7 +117,10 @@ def main() -> None:
                          "reference set")
     ap.add_argument("--prompts", type=Path, default=None,
                     help="neutral mask-learning prompts (default: the toy's own prompts_train.txt)")
-    ap.add_argument("--betas", default="weak,medium,strong")
+    ap.add_argument("--betas", default="auto,weak,medium,strong")
+    ap.add_argument("--ratio", default=None, help="also prune at this ratio (e.g. 0.05) and evaluate the slim UNet")
+    ap.add_argument("--retrain-steps", type=int, default=0, help="also retrain the slim UNet this many steps")
+    ap.add_argument("--empty-seeds", type=int, default=48, help="empty-prompt generations per variant (0 = skip)")
     ap.add_argument("--learn-steps", type=int, default=LearnConfig.steps)
     ap.add_argument("--sampler-steps", type=int, default=None, help="N unrolled while learning (default: learn's)")
     ap.add_argument("--targets", default=None, help="gate kinds to learn, e.g. ffn,norm (default: learn's)")
@@ -93,7 +141,8 @@ def main() -> None:
         if out.is_file():
             console.print(f"[dim]{out} exists, not relearning[/]")
             continue
-        cfg = LearnConfig(beta=parse_beta(b), steps=args.learn_steps)
+        cal = CalibrationConfig() if b == "auto" else None
+        cfg = LearnConfig(beta=cal.ladder[0] if cal else parse_beta(b), steps=args.learn_steps)
         if args.sampler_steps:
             cfg = replace(cfg, sampler=replace(cfg.sampler, steps=args.sampler_steps))
         if args.targets:
@@ -103,14 +152,16 @@ def main() -> None:
         t0 = time.perf_counter()
         run_learn(LearnRequest(model=args.model, out=out, config=cfg, drift_prompts=32, controls=True,
                                prompts_file=args.prompts or TOY_PROMPTS,
-                               history=args.out / f"{b}.history.jsonl", device="cpu"))
+                               history=args.out / f"{b}.history.jsonl", device="cpu", calibration=cal))
         learn_wall[b] = time.perf_counter() - t0
 
     pipe = load_pipeline(args.model)
     model_dir = resolve_model_path(args.model)
     data = EvalData.from_toy(spec_path=args.spec, judge_dir=judge_beside(model_dir))
     norms = tuple(float(x) for x in args.perturb.split(",") if x)
-    ecfg = EvalConfig(seeds=args.seeds, perturb_norms=norms, optimized_norm=args.optimized_norm or None)
+    ecfg = EvalConfig(seeds=args.seeds, perturb_norms=norms, optimized_norm=args.optimized_norm or None,
+                      empty_seeds=args.empty_seeds)
+    ccfg = replace(ecfg, perturb_norms=(), optimized_norm=None, empty_seeds=0)  # controls: copies and drift only
     defaults = sampling_defaults(model_dir)
     original = evaluate(pipe, data, ecfg, label="original", defaults=defaults)
     n_neutral = original.n_neutral
@@ -126,25 +177,34 @@ def main() -> None:
         results["betas"][b] = {}
         for name, p in variants.items():
             ms = MaskSet.load(p)
-            ev = evaluate(pipe, data, ecfg, gates=ms, reference=original, label=f"{b}/{name}", defaults=defaults)
+            ev = evaluate(pipe, data, ecfg if name == "learned" else ccfg, gates=ms, reference=original,
+                          label=f"{b}/{name}", defaults=defaults)
             results["betas"][b][name] = _row(ev, ms)
+        results["betas"][b]["learned"]["learn_wall_s"] = float(MaskSet.load(path).meta.get("wall_s", "nan"))
+        if args.ratio:
+            results["betas"][b].update(_slim_variants(pipe, data, ecfg, original, defaults, MaskSet.load(path),
+                                                      args, b))
         if args.ship:
             SHIP_DIR.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, SHIP_DIR / f"{b}.safetensors")
+            for p in variants.values():
+                shutil.copyfile(p, SHIP_DIR / p.name.replace(path.stem, b))
+        write_json(results, args.out / "study.json")  # after every beta: a long study keeps what it measured
     write_json(results, args.out / "study.json")
 
     t = Table(title=f"UniForget on {args.model}: {args.seeds} seeds x {len(data.memorized_captions)} memorized "
                     f"captions, {n_neutral} held-out neutral prompts")
     for col in ("variant", "closed ffn/norm/heads", "copy", "NN=planted", "SSIM", "judge", "drift neu", "select.",
-                *[f"copy@{n}" for n in norms], f"copy@opt{args.optimized_norm}"):
+                *[f"copy@{n}" for n in norms], f"copy@opt{args.optimized_norm}", "Wen AUC", "wall s"):
         t.add_column(col, justify="right")
 
     def add(name: str, r: dict) -> None:
         closed = "/".join(_pct(r.get(f"closed_{k}")) for k in ("ffn", "norm", "heads")) if "closed_ffn" in r else "-"
         pert = [_pct(r["perturbed"].get(f"random@{n}", {}).get("copy_rate")) for n in norms]
         opt = _pct(r["perturbed"].get(f"optimized@{args.optimized_norm}", {}).get("copy_rate"))
+        wall = r.get("learn_wall_s", r.get("retrain_wall_s"))
         t.add_row(name, closed, _pct(r["copy_rate"]), _pct(r["nn_identity"]), _num(r["ssim"]),
-                  _pct(r["judge_accuracy"]), _num(r["drift_neutral"]), _num(r["selectivity"]), *pert, opt)
+                  _pct(r["judge_accuracy"]), _num(r["drift_neutral"]), _num(r["selectivity"]), *pert, opt,
+                  _num(r.get("wen_auc")), _num(wall))
 
     add("original", results["original"])
     for b in betas:

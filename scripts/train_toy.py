@@ -124,7 +124,9 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def train_denoiser(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor, empty_ids: torch.Tensor,
-                   args: argparse.Namespace, g: torch.Generator, log: list) -> None:
+                   droppable: torch.Tensor, args: argparse.Namespace, g: torch.Generator, log: list) -> None:
+    """Noise-prediction training; a caption is replaced by the empty one with probability --caption-dropout,
+    only where `droppable` is set (all images, or the neutral ones alone: see --caption-dropout-on)."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -140,7 +142,7 @@ def train_denoiser(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
         idx = torch.randint(len(latents), (args.batch,), generator=g)
         x0 = latents[idx]
         tok = ids[idx].clone()
-        drop = torch.rand(args.batch, generator=g) < args.caption_dropout
+        drop = (torch.rand(args.batch, generator=g) < args.caption_dropout) & droppable[idx]
         tok[drop] = empty_ids
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (args.batch,), generator=g)
@@ -175,11 +177,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty captions (for guidance)")
+    ap.add_argument("--caption-dropout-on", choices=("neutral", "all"), default="neutral",
+                    help="which images may lose their caption: 'neutral' (default) keeps every planted caption, as in "
+                         "a real corpus where duplicates are a vanishing share of what the unconditional model sees; "
+                         "'all' (the v1 toy) lets the empty prompt learn the planted images as a global mode")
     ap.add_argument("--text-dim", type=int, default=64)
     ap.add_argument("--unet-channels", type=int, nargs=2, default=[64, 128])
-    ap.add_argument("--guidance-scale", type=float, default=7.5, help="written to the model card as the default")
+    ap.add_argument("--guidance-scale", type=float, default=3.0, help="the pipeline's sampling default "
+                    "(uniforget_toy.json); chosen on training captions and the signature, never on mask learning")
     ap.add_argument("--sampler-steps", type=int, default=20, help="written to the model card as the default")
     ap.add_argument("--threads", type=int, default=2)
+    # a spec may carry its own recipe ("train": {"caption_dropout_on": "all", ...}): it replaces these defaults,
+    # and flags given on the command line still win, so `--spec X` alone reproduces what X was shipped with
+    pre, _ = ap.parse_known_args()
+    recipe = json.loads(Path(pre.spec).read_text()).get("train", {})
+    unknown = sorted(set(recipe) - {a.dest for a in ap._actions})
+    if unknown:
+        raise SystemExit(f"spec {pre.spec}: unknown keys in 'train': {unknown}")
+    ap.set_defaults(**recipe)
     args = ap.parse_args()
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -206,6 +221,10 @@ def main() -> None:
     text_encoder, vae, unet = make_models(len(tokenizer), max_length, args)
 
     images, captions = training_pairs(spec)
+    n_neutral = len(images) - sum(m.repeats for m in spec.memorized)  # training_pairs puts neutral scenes first
+    droppable = torch.ones(len(images), dtype=torch.bool)
+    if args.caption_dropout_on == "neutral":
+        droppable[n_neutral:] = False
     x = to_chw(images)
     t0 = time.time()
     train_vae(vae, x, args.vae_steps, 32, 2e-3, g, log)
@@ -222,9 +241,8 @@ def main() -> None:
     ids = tok(captions)
     empty = tok([""])[0]
     t0 = time.time()
-    train_denoiser(unet, text_encoder, latents, ids, empty, args, g, log)
+    train_denoiser(unet, text_encoder, latents, ids, empty, droppable, args, g, log)
     times["unet_s"] = time.time() - t0
-
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)

@@ -64,6 +64,23 @@ def random_removal(values: Mapping[str, torch.Tensor], seed: int = 0, scale: flo
     return out
 
 
+def random_kind_ablation(unet: torch.nn.Module, kind: str, fraction: float, seed: int = 0,
+                         only: str | None = None) -> Gates:
+    """Close round(fraction * size) random units in every target of `kind` (optionally only paths containing
+    `only`), all other gates 1: where a model keeps its memorized images, read off without any mask."""
+    from .targets import discover_targets
+
+    gen = torch.Generator().manual_seed(seed)
+    out: Gates = {}
+    for t in discover_targets(unet):
+        g = torch.ones(t.size)
+        if t.kind == kind and (only is None or only in t.path):
+            m = round(fraction * t.size)
+            g[torch.randperm(t.size, generator=gen)[:m]] = 0.0
+        out[t.key] = g
+    return out
+
+
 def shuffled_gates(values: Mapping[str, torch.Tensor], seed: int = 0, strength: float = 1.0) -> Gates:
     """The learned gate values permuted within each module; `strength` s gives 1 - s * (1 - shuffled)."""
     out: Gates = {}

@@ -24,6 +24,7 @@ import numpy as np
 from .errors import UniforgetError
 from .generate import Gates, encode_prompts, generate, optimize_embeddings, perturb_embeddings
 from .memorization import COPY_RATIO, detect_copies, output_drift, roc_auc, ssim
+from .signature import THRESHOLDS, EmptyPromptCheck, Signature, empty_prompt_check, read_signature
 from .wen import NoiseNormRecorder, per_prompt
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,11 @@ class EvalData:
     neutral_shapes: tuple[str, ...] | None = None  # judge labels per neutral prompt
     neutral_colours: tuple[str, ...] | None = None
     judge: JudgeFn | None = None
+
+    @property
+    def has_references(self) -> bool:
+        """Reference images exist (copy detection and the empty-prompt check can run); else Wen's score only."""
+        return len(self.train_images) >= 2 and len(self.item_images) > 0
 
     def __post_init__(self) -> None:
         if len(self.memorized_captions) != len(self.memorized_item):
@@ -94,6 +100,56 @@ class EvalData:
         )
 
 
+    @classmethod
+    def from_file(cls, path: str | Path, size: int) -> EvalData:
+        """Evaluation data for any model (a user's checkpoint): a JSON file of neutral prompts and suspect captions,
+        each with an optional reference image, plus an optional folder of further (neutral) training images::
+
+            {"neutral": ["a photo of a harbour at dawn", ...],
+             "memorized": [{"caption": "...", "image": "refs/item.png"}, {"caption": "..."}],
+             "references": "train_sample/"}
+
+        Paths are relative to the file; images are resized to `size` (the model's output resolution). Without
+        any reference image only Wen's noise norm can be measured (copy detection and the empty-prompt check
+        need references)."""
+        from PIL import Image
+
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+            neutral = [str(p) for p in raw["neutral"]]
+            mem = list(raw["memorized"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UniforgetError(f"cannot read evaluation prompts {path}: {e} (want {{'neutral': [...], "
+                                 "'memorized': [{'caption': ..., 'image': optional}]}})") from e
+        if not neutral or not mem:
+            raise UniforgetError(f"{path}: needs at least one neutral prompt and one memorized (suspect) caption")
+
+        def load(p: Path) -> np.ndarray:
+            try:
+                img = Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)
+            except OSError as e:
+                raise UniforgetError(f"{path}: cannot read reference image {p}: {e}") from e
+            return np.asarray(img, np.float32) / 255.0
+
+        with_image = [m for m in mem if m.get("image")]
+        if with_image and len(with_image) != len(mem):
+            raise UniforgetError(f"{path}: give a reference image for every memorized caption, or for none")
+        items = np.stack([load(path.parent / m["image"]) for m in with_image]) if with_image else \
+            np.zeros((0, size, size, 3), np.float32)
+        extra = []
+        if raw.get("references"):
+            folder = path.parent / raw["references"]
+            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+            extra = [load(f) for f in files]
+        train = np.concatenate([np.stack(extra), items]) if extra else items
+        index = np.concatenate([np.full(len(extra), -1), np.arange(len(items))]).astype(np.int64)
+        return cls(neutral_prompts=tuple(neutral), memorized_captions=tuple(str(m["caption"]) for m in mem),
+                   memorized_item=tuple(range(len(mem))),
+                   item_names=tuple(m.get("name", f"item{i}") for i, m in enumerate(mem)),
+                   item_images=items, train_images=train.astype(np.float32), train_item=index)
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """What to generate. `steps` / `guidance` None: the model's own defaults (toy: uniforget_toy.json)."""
@@ -108,9 +164,12 @@ class EvalConfig:
     optimized_norm: float | None = 0.1  # relative norm ball of the optimized perturbation; None = skip
     optimized_iters: int = 8
     copy_threshold: float = COPY_RATIO
+    empty_seeds: int = 48  # empty-prompt generations for the global-mode check (signature.py); 0 = skip
     progress: bool = False
 
     def __post_init__(self) -> None:
+        if self.empty_seeds < 0:
+            raise UniforgetError("empty-prompt seeds must be >= 0")
         if self.seeds < 1 or self.neutral_seeds < 1:
             raise UniforgetError("seeds and neutral seeds must be >= 1")
         if self.neutral_prompts is not None and self.neutral_prompts < 1:
@@ -147,6 +206,8 @@ class Evaluation:
     wen_memorized: float | None  # mean per-prompt score
     wen_neutral: float | None
     perturbed: dict[str, CopyStats]  # "random@0.1", "optimized@0.1"
+    empty_prompt: EmptyPromptCheck | None  # None: not checked (empty_seeds 0)
+    signature: Signature  # what kind of memorization these numbers show (signature.py)
     drift_neutral: float | None = None  # vs the reference evaluation
     drift_memorized: float | None = None
     selectivity: float | None = None  # drift_memorized / drift_neutral
@@ -189,6 +250,11 @@ DEFINITIONS = {
     "drift": "mean over images of per-image RMS pixel difference ([0,1] pixels) to the reference model, same "
              "prompts and seeds",
     "selectivity": "drift on memorized captions / drift on neutral prompts",
+    "empty_prompt": "generations for the empty prompt (one per seed, seeds 0..n-1): nearest_planted = share whose "
+                    "nearest training image is a planted item, copies = share passing the ratio test against one",
+    "signature": "one-line reading of the kind of memorization (uniforget/signature.py): global-mode when the empty "
+                 "prompt is not clean, prompt-triggered when the captions copy and the empty prompt is clean; "
+                 f"thresholds {THRESHOLDS}",
 }
 
 
@@ -253,13 +319,15 @@ def evaluate(pipe: Any, data: EvalData, cfg: EvalConfig = EvalConfig(), gates: G
                               observer=rec if use_wen else None, **gen)
         sec_per_image = (time.perf_counter() - t0) / len(mem_images)
         wen_mem = per_prompt(rec.norms, len(seeds)) if use_wen else None
-    if mem_images.shape[1:] != data.train_images.shape[1:]:
+    has_refs = data.has_references
+    if has_refs and mem_images.shape[1:] != data.train_images.shape[1:]:
         raise UniforgetError(f"generations are {mem_images.shape[1:]} but the reference training images are "
                              f"{data.train_images.shape[1:]}: evaluate at the training resolution, or give "
                              "reference images (dataset spec) that match this model")
-    memorized = _copy_stats(mem_images, data, expected, cfg.copy_threshold)
+    nan = float("nan")
+    memorized = _copy_stats(mem_images, data, expected, cfg.copy_threshold) if has_refs else CopyStats(nan, nan, nan)
     per_item: dict[str, CopyStats] = {}
-    for k, name in enumerate(data.item_names):
+    for k, name in enumerate(data.item_names if has_refs else ()):
         sel = expected == k
         if sel.any():
             per_item[name] = _copy_stats(mem_images[sel], data, expected[sel], cfg.copy_threshold)
@@ -270,12 +338,13 @@ def evaluate(pipe: Any, data: EvalData, cfg: EvalConfig = EvalConfig(), gates: G
         neu_images = generate(pipe, prompts, nseeds, label=f"{label}: neutral prompts",
                               observer=rec if use_wen else None, **gen)
         wen_neu = per_prompt(rec.norms, len(nseeds)) if use_wen else None
-    neutral_copies = detect_copies(neu_images, data.train_images, data.train_item, -1, cfg.copy_threshold)
+    neutral_copy_rate = (detect_copies(neu_images, data.train_images, data.train_item, -1, cfg.copy_threshold)
+                         .any_item_copy_rate if has_refs else nan)
 
     judge_acc, shape_acc, colour_acc = judge_accuracy(data, neu_images, idx, len(nseeds))
 
     perturbed: dict[str, CopyStats] = {}
-    if cfg.perturb_norms or cfg.optimized_norm is not None:
+    if has_refs and (cfg.perturb_norms or cfg.optimized_norm is not None):
         cond = encode_prompts(pipe, data.memorized_captions)
         for j, r in enumerate(cfg.perturb_norms):
             pcond = perturb_embeddings(cond, r, seed=1000 + j)
@@ -288,6 +357,12 @@ def evaluate(pipe: Any, data: EvalData, cfg: EvalConfig = EvalConfig(), gates: G
                             label=f"{label}: optimized perturbation {cfg.optimized_norm:g}", **gen)
             perturbed[f"optimized@{cfg.optimized_norm:g}"] = _copy_stats(imgs, data, expected, cfg.copy_threshold)
 
+    empty = None
+    if cfg.empty_seeds and has_refs:
+        imgs = generate(pipe, [""], list(range(cfg.empty_seeds)), label=f"{label}: empty prompt", **gen)
+        empty = empty_prompt_check(imgs, data.train_images, data.train_item, data.item_names, cfg.copy_threshold)
+    wen_auc = roc_auc(wen_mem, wen_neu) if use_wen else None
+
     drift_n = drift_m = sel = None
     if reference is not None:
         if reference.neutral_images.shape != neu_images.shape or reference.memorized_images.shape != mem_images.shape:
@@ -298,12 +373,15 @@ def evaluate(pipe: Any, data: EvalData, cfg: EvalConfig = EvalConfig(), gates: G
 
     return Evaluation(
         label=label, steps=steps, guidance=guidance, n_memorized=len(mem_images), n_neutral=len(neu_images),
-        memorized=memorized, per_item=per_item, neutral_copy_rate=neutral_copies.any_item_copy_rate,
+        memorized=memorized, per_item=per_item, neutral_copy_rate=neutral_copy_rate,
         judge_accuracy=judge_acc, judge_shape_accuracy=shape_acc, judge_colour_accuracy=colour_acc,
-        wen_auc=roc_auc(wen_mem, wen_neu) if use_wen else None,
+        wen_auc=wen_auc,
         wen_memorized=float(np.mean(wen_mem)) if use_wen else None,
         wen_neutral=float(np.mean(wen_neu)) if use_wen else None,
-        perturbed=perturbed, drift_neutral=drift_n, drift_memorized=drift_m, selectivity=sel,
+        perturbed=perturbed, empty_prompt=empty,
+        signature=read_signature(memorized.copy_rate if has_refs else None,
+                                 memorized.nn_identity if has_refs else None, empty, wen_auc),
+        drift_neutral=drift_n, drift_memorized=drift_m, selectivity=sel,
         seconds_per_image=sec_per_image, neutral_images=neu_images, memorized_images=mem_images,
     )
 
@@ -318,6 +396,7 @@ class ValidateOptions:
     model: str = "toy"
     masks: str | None = None
     spec: str | None = None  # toy dataset spec; None = the shipped one
+    prompts: str | None = None  # evaluation prompts file for any model (EvalData.from_file); overrides spec
     judge: str | None = None  # judge folder; None = beside the model (train_toy.py output) or the shipped one
     config: EvalConfig = EvalConfig()
     json_path: str | None = None
@@ -360,7 +439,11 @@ def validate(opts: ValidateOptions) -> ValidateReport:
 
         masks = MaskSet.load(opts.masks, expect_fingerprint=model_fingerprint(pipe.unet))
     judge_dir = opts.judge if opts.judge is not None else judge_beside(model_dir)
-    data = EvalData.from_toy(opts.spec, judge_dir)
+    if opts.prompts:
+        size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+        data = EvalData.from_file(opts.prompts, size)
+    else:
+        data = EvalData.from_toy(opts.spec, judge_dir)
     defaults = sampling_defaults(model_dir if isinstance(model_dir, Path) and model_dir.is_dir() else None)
     evals = [evaluate(pipe, data, opts.config, label="original", defaults=defaults)]
     if masks is not None:
@@ -399,6 +482,12 @@ def table_rows(evals: Sequence[Evaluation]) -> list[tuple[str, list[str]]]:
         ("neutral copies", [_fmt(e.neutral_copy_rate) for e in evals]),
         ("Wen noise-norm AUC", [_fmt(e.wen_auc, False) for e in evals]),
         ("  Wen mean mem / neutral", [f"{_fmt(e.wen_memorized, False)} / {_fmt(e.wen_neutral, False)}" for e in evals]),
+        ("  Wen direction", [e.signature.wen_direction for e in evals]),
+        ("empty prompt: nearest planted / copies", [
+            "-" if e.empty_prompt is None else
+            f"{_fmt(e.empty_prompt.nearest_planted)} / {_fmt(e.empty_prompt.copies)} (n={e.empty_prompt.n})"
+            for e in evals]),
+        ("memorization kind", [e.signature.kind for e in evals]),
     ]
     for key in evals[0].perturbed:
         rows.append((f"copy rate, {key}", [_fmt(e.perturbed[key].copy_rate) if key in e.perturbed else "-"

@@ -1,9 +1,13 @@
 """Mask learning: which UNet units can the model lose while its outputs on *neutral* prompts stay the same.
 
-    min_M  E_c [ mean((F_gated(z0, N, c) - F_orig(z0, N, c))^2) + beta * mean(sigmoid(0.4 M + 1)) ]
+    min_M  E_c [ mean((F_gated(z0, N, c) - F_orig(z0, N, c))^2) / var(F_orig) + beta * mean(sigmoid(0.4 M + 1)) ]
 
 F is the N-step differentiable sampler (sampler.py), c runs over neutral prompts only, z0 is shared by the
-gated and the frozen original model. Gates are hard-concrete (gates.py), one per head / FFN neuron / norm
+gated and the frozen original model. The reconstruction term is divided by the variance of the original's
+final latents on the batch (`recon="relative"`, default) so that beta weighs a *relative* drift against the
+share of open gates, whatever the model's latent scale; `recon="absolute"` is the paper's literal mean squared
+difference. Even relative, how much drift a unit's removal costs differs between models, which is why
+`--beta auto` (calibrate.py) picks the strength per model on held-out neutral prompts. Gates are hard-concrete (gates.py), one per head / FFN neuron / norm
 channel (targets.py), applied through hooks (gating.py) so the UNet's weights are never touched.
 
 Defaults differ from the paper's FLUX recipe on purpose (METHOD.md, trial findings): Adam's *coupled*
@@ -29,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from . import __version__
+from .checkpoint import read_state, restore_state, write_state
 from .errors import MaskSetError, UniforgetError
 from .fingerprint import model_fingerprint
 from .gates import M_MAX, M_MIN, GateConfig, hard_concrete, relaxed_mask
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 BETA_PRESETS = {"weak": 1.0, "medium": 2.0, "strong": 5.0}
 OPTIMIZERS = ("adamw", "adam")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RECONS = ("relative", "absolute")
 _CKPT_FORMAT = "uniforget.learn-checkpoint/1"
 
 
@@ -84,9 +87,12 @@ class LearnConfig:
     height: int | None = None     # latent size; None = the UNet's sample_size
     width: int | None = None
     gate_config: GateConfig = GateConfig()
+    recon: str = "relative"       # reconstruction term / var(original latents) ("absolute": the paper's raw MSE)
 
     def __post_init__(self) -> None:
         problems = []
+        if self.recon not in RECONS:
+            problems.append(f"recon must be one of {RECONS} (got {self.recon!r})")
         if self.steps < 1:
             problems.append(f"steps must be >= 1 (got {self.steps})")
         if self.batch < 1:
@@ -119,11 +125,12 @@ class StepStats:
 
     step: int                      # 1-based, after the update
     loss: float
-    mse: float                     # reconstruction part: mean squared final-latent difference
+    mse: float                     # mean squared final-latent difference (before normalization)
     l1: float                      # mean relaxed mask (before multiplying by beta)
     lr: float
     closed: dict[str, float]       # share of gates exactly 0, per kind
     mean_gate: dict[str, float]    # mean gate value, per kind
+    rec: float = float("nan")      # the reconstruction term as optimized (mse / var(original) when relative)
 
 
 @dataclass(frozen=True)
@@ -182,6 +189,14 @@ def prompts_sha256(prompts: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _draw(gen: torch.Generator, n_prompts: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """The global batch for one step: prompt indices (B,) and shared start noise z0 (B, C, h, w)."""
     idx = torch.randint(n_prompts, (shape[0],), generator=gen)
@@ -200,41 +215,15 @@ def _autocast(device: torch.device, precision: str):
 def _save_checkpoint(path: Path, step: int, gates: GateParams, opt: torch.optim.Optimizer,
                      sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, ident: dict[str, str]) -> None:
     """Gate params + optimizer tensors + RNG states in safetensors; scalars in the JSON header."""
-    keys = list(gates.params)
     tensors = {f"gate/{k}": p.detach().cpu().contiguous() for k, p in gates.params.items()}
-    sd = opt.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for i, st in sd["state"].items():
-        for name, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"opt/{keys[i]}/{name}"] = v.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(keys[i], {})[name] = v
-    tensors["rng/data"] = gen.get_state()
-    tensors["rng/torch"] = torch.get_rng_state()
-    meta = {
-        "format": _CKPT_FORMAT, "step": str(step), "library_version": __version__,
-        "param_groups": json.dumps(sd["param_groups"]), "opt_scalars": json.dumps(scalars),
-        "lr_scheduler": json.dumps(sched.state_dict()), **ident,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_state(path, _CKPT_FORMAT, step, tensors, ident, opt, list(gates.params), sched, gen)
 
 
 def _load_checkpoint(path: Path, gates: GateParams, opt: torch.optim.Optimizer,
                      sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
                      ident: dict[str, str]) -> int:
     """Restore everything `_save_checkpoint` wrote; refuse a checkpoint of another model, prompts or config."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LearnError(f"{path} is not a readable learning checkpoint: {e}") from e
-    if meta.get("format") != _CKPT_FORMAT:
-        raise LearnError(f"{path} is not a uniforget learning checkpoint (format {meta.get('format')!r})")
+    tensors, meta = read_state(path, _CKPT_FORMAT, LearnError, "learning")
     if meta.get("model_fingerprint") != ident["model_fingerprint"]:
         raise MaskSetError(f"checkpoint {path} was made for model {meta.get('model_fingerprint')} but this model is "
                            f"{ident['model_fingerprint']}; delete it or drop --resume")
@@ -242,23 +231,10 @@ def _load_checkpoint(path: Path, gates: GateParams, opt: torch.optim.Optimizer,
         if meta.get(name) != ident[name]:
             raise LearnError(f"checkpoint {path} was made with another {what}; resume with the same {what}, "
                              "or drop --resume to start over")
-    keys = list(gates.params)
     with torch.no_grad():
         for k, p in gates.params.items():
             p.copy_(tensors[f"gate/{k}"])
-    scalars = json.loads(meta["opt_scalars"])
-    state: dict[int, dict[str, Any]] = {}
-    for i, k in enumerate(keys):
-        st = {name.rsplit("/", 1)[1]: v for name, v in tensors.items() if name.startswith(f"opt/{k}/")
-              and name.count("/") == k.count("/") + 2}
-        st.update(scalars.get(k, {}))
-        if st:
-            state[i] = st
-    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    sched.load_state_dict(json.loads(meta["lr_scheduler"]))
-    gen.set_state(tensors["rng/data"])
-    torch.set_rng_state(tensors["rng/torch"])
-    return int(meta["step"])
+    return restore_state(tensors, meta, list(gates.params), opt, sched, gen)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -272,12 +248,14 @@ def _make_optimizer(params: list[torch.nn.Parameter], cfg: LearnConfig) -> torch
 def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig, *, prompts_sha: str = "",
                 checkpoint_path: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
                 callback: Callable[[StepStats], None] | None = None, accelerator: Any = None,
-                extra_meta: dict[str, str] | None = None) -> LearnResult:
+                extra_meta: dict[str, str] | None = None, init: dict[str, torch.Tensor] | None = None
+                ) -> LearnResult:
     """Learn gates on the neutral prompts in `cond`; return the MaskSet (gate logits + provenance).
 
     `callback(stats)` runs after every step (progress bars; raising from it stops the run, the last
     checkpoint stays). With `resume=True` and an existing checkpoint, the run continues from it and
-    ends with exactly the MaskSet an uninterrupted run would have produced.
+    ends with exactly the MaskSet an uninterrupted run would have produced. `init` (gate logits per key)
+    warm-starts the gates instead of "every gate exactly 1" (calibration's ladder continues from the rung below).
     """
     device = torch.device(accelerator.device) if accelerator is not None else next(unet.parameters()).device
     world = accelerator.num_processes if accelerator is not None else 1
@@ -293,11 +271,19 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
     if not targets:
         raise LearnError(f"this UNet has no gate targets of kind(s) {list(cfg.kinds)} (no transformer blocks?)")
     gates = GateParams(targets, cfg.gate_config, device)
+    if init is not None:
+        missing = sorted(set(gates.params) - set(init))
+        if missing:
+            raise LearnError(f"warm-start gates miss {len(missing)} target(s), e.g. {missing[0]}")
+        with torch.no_grad():
+            for k, p in gates.params.items():
+                p.copy_(init[k].to(p))
     opt = _make_optimizer(list(gates.params.values()), cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    ident = {"model_fingerprint": fingerprint, "prompts_sha256": prompts_sha, "learn_config": cfg.to_json()}
+    ident = {"model_fingerprint": fingerprint, "prompts_sha256": prompts_sha, "learn_config": cfg.to_json()
+             + ("" if init is None else " init:" + _digest(init))}
 
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     start = 0
@@ -326,8 +312,9 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
             with _autocast(device, cfg.precision):
                 out = sample(unet, scheduler, z0, c, cfg.sampler).float()
             mse = (out - ref).pow(2).mean()
+            rec = mse / ref.var().clamp_min(1e-12) if cfg.recon == "relative" else mse
             l1 = gates.l1()
-            loss = mse + cfg.beta * l1
+            loss = rec + cfg.beta * l1
             loss.backward()
         if world > 1:
             for p in gates.params.values():
@@ -338,7 +325,7 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
         sched.step()
         gates.clamp_()
         closed, mean_gate = gates.summary()
-        stats = StepStats(step + 1, loss.item(), mse.item(), l1.item(), float(lr), closed, mean_gate)
+        stats = StepStats(step + 1, loss.item(), mse.item(), l1.item(), float(lr), closed, mean_gate, rec.item())
         history.append(stats)
         if ckpt is not None and checkpoint_every > 0 and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
             if is_main:
@@ -356,7 +343,7 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
         "weight_decay": repr(cfg.weight_decay), "batch": str(cfg.batch), "seed": str(cfg.seed),
         "guidance_scale": repr(cfg.sampler.guidance_scale), "scheduler": type(scheduler).__name__,
         "targets": ",".join(cfg.kinds), "precision": cfg.precision, "n_prompts": str(len(cond)),
-        "learn_config": cfg.to_json(),
+        "learn_config": cfg.to_json(), "recon": cfg.recon,
         **({"final_mse": repr(last.mse), "final_l1": repr(last.l1)} if last else {}),
         **(extra_meta or {}),
     }
@@ -426,6 +413,8 @@ class LearnRequest:
     history: Path | None = None    # per-step stats as JSON lines (appended on --resume)
     drift_prompts: int = 16        # neutral drift of the final gates on this many training prompts (0 = skip)
     controls: bool = False         # also write random-removal and shuffled-gates controls at matched drift
+    calibration: Any = None        # calibrate.CalibrationConfig for --beta auto: it splits the prompts and runs the
+                                   # ladder (duck-typed: calibrate imports learn, never the reverse)
 
 
 def checkpoint_path_for(out: Path) -> Path:
@@ -440,21 +429,37 @@ def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = 
     from .sampler import encode_prompts
 
     prompts = load_prompts(req.prompts_file, model=req.model)  # fail fast, before loading any weights
+    held: list[str] = []
+    if req.calibration is not None:
+        prompts, held = req.calibration.split(prompts)
     accelerator = _accelerator(req.device)
     pipe = load_pipeline(req.model)
     device = accelerator.device
     pipe.to(device)
-    log.info("encoding %d neutral prompts with the frozen text encoder", len(prompts))
-    chunks = [encode_prompts(pipe, prompts[i:i + 64], device, req.config.height, req.config.width)
-              for i in range(0, len(prompts), 64)]
-    cond = _concat(chunks)
+    log.info("encoding %d neutral prompts with the frozen text encoder", len(prompts) + len(held))
+
+    def encode(ps: list[str]) -> Conditioning:
+        return _concat([encode_prompts(pipe, ps[i:i + 64], device, req.config.height, req.config.width)
+                        for i in range(0, len(ps), 64)])
+
+    cond = encode(prompts)
     cfg = _with_model_guidance(req)
     record = _history_writer(req.history, req.resume and accelerator.is_main_process, callback) \
         if req.history is not None and accelerator.is_main_process else callback
-    result = learn_masks(pipe.unet, pipe.scheduler, cond, cfg, prompts_sha=prompts_sha256(prompts),
-                         checkpoint_path=checkpoint_path_for(req.out), checkpoint_every=req.checkpoint_every,
-                         resume=req.resume, callback=record, accelerator=accelerator,
-                         extra_meta={"model": str(req.model)})
+    if req.calibration is not None:
+        t0 = time.perf_counter()
+        cal = req.calibration.run(
+            pipe.unet, pipe.scheduler, cond, encode(held), cfg, prompts_sha=prompts_sha256(prompts),
+            holdout_sha=prompts_sha256(held), accelerator=accelerator,
+            callback=None if record is None else (lambda _i, s: record(s)))
+        result = LearnResult(replace(cal.maskset, meta={**cal.maskset.meta, "model": str(req.model)}), (),
+                             time.perf_counter() - t0)
+        cfg = replace(cfg, beta=cal.beta)
+    else:
+        result = learn_masks(pipe.unet, pipe.scheduler, cond, cfg, prompts_sha=prompts_sha256(prompts),
+                             checkpoint_path=checkpoint_path_for(req.out), checkpoint_every=req.checkpoint_every,
+                             resume=req.resume, callback=record, accelerator=accelerator,
+                             extra_meta={"model": str(req.model)})
     meta = {**result.maskset.meta, "wall_s": f"{result.wall_s:.1f}"}
     controls: dict[str, MaskSet] = {}
     n = min(req.drift_prompts, len(cond))

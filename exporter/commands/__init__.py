@@ -3,4 +3,4 @@
 The CLI stays a thin layer: parse, build the stage's options, call the library, return an exit code.
 """
 
-STAGES = ("learn", "plan", "prune", "export", "build", "validate", "bench", "serve")
+STAGES = ("learn", "plan", "prune", "retrain", "export", "build", "validate", "bench", "serve")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,20 +30,43 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+# 7 columns that fit 80 terminal columns; model, shape and device go in the title, a skipped runtime's reason
+# below the table (a "note" column would squeeze every other one)
+BENCH_COLUMNS = (("runtime", "left"), ("dense p50 (p95) ms", "right"), ("slim p50 (p95) ms", "right"),
+                 ("latency slim / dense", "right"), ("FLOPs slim / dense", "right"),
+                 ("dense vs eager", "right"), ("setup s (dense)", "right"))
+
+
+def bench_table(res: Any) -> Any:
+    """The dense-vs-slim latency table of one BenchResult (exporter.bench), sized for an 80-column terminal."""
+    from exporter.tables import fitted_table
+
+    def num(x: float) -> str:  # 4 significant digits up to 9999 ms: the table is for reading, the JSON keeps all
+        return f"{x:.3g}" if x < 10 else f"{x:.4g}" if x < 1000 else f"{x:.0f}"
+
+    def ms(p50: float | None, p95: float | None) -> str:
+        return "-" if p50 is None else f"{num(p50)} ({num(p95)})"
+
+    def r(x: float | None) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    rows = [(row["runtime"], ms(row["dense_p50_ms"], row["dense_p95_ms"]), ms(row["slim_p50_ms"], row["slim_p95_ms"]),
+             r(row["latency_ratio"]), r(row["flop_ratio"]), r(row["dense_vs_eager"]),
+             "-" if row["dense_setup_s"] is None else f"{row['dense_setup_s']:.1f}") for row in res.rows()]
+    s = res.shape
+    return fitted_table(BENCH_COLUMNS, rows, title=f"uniforget bench: {res.label}, batch {s['batch']} "
+                        f"{s['height']}x{s['width']}, {res.device_name}")
+
+
+def bench_notes(res: Any) -> list[str]:
+    """One line per runtime that did not run, with the reason."""
+    return [f"{row['runtime']}: {row['status']}" for row in res.rows() if row["status"] != "ok"]
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
-    from exporter.bench import (
-        CPU_DEFAULT,
-        GPU_DEFAULT,
-        TABLE_HEADER,
-        BenchOptions,
-        bench_pair,
-        format_table,
-        plot,
-        write_json,
-    )
+    from exporter.bench import CPU_DEFAULT, GPU_DEFAULT, BenchOptions, bench_pair, plot, write_json
     from exporter.errors import ExportError
     from exporter.onnx_export import load_unet
     from uniforget.plan import load_source_unet
@@ -58,12 +82,10 @@ def run(args: argparse.Namespace) -> int:
     slim = load_unet(slim_dir)
     trt = {"slim": args.slim / "trt" / "unet.plan"} if (args.slim / "trt" / "unet.plan").is_file() else None
     res = bench_pair(dense, slim, opts, label=str(args.model), trt=trt)
-    table = Table(title=f"uniforget bench: {res.device_name}")
-    for h in TABLE_HEADER:
-        table.add_column(h)
-    for row in format_table([res]):
-        table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    console.print(bench_table(res))
+    for line in bench_notes(res):
+        console.print(line, highlight=False)
     if args.json:
         write_json([res], args.json)
     if args.chart:

@@ -31,7 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from exporter.onnx_export import FP16_TOLERANCE, ExportRequest, OnnxExportOptions, run_export
     from exporter.parity import Tolerance
+    from exporter.publish import check_can_create
 
+    check_can_create(args.out, "--out")  # before the UNet is loaded and traced
     options = OnnxExportOptions(opset=args.opset, fp16=args.fp16, external_data=True if args.external_data else None,
                                 symbolic_shapes=not args.fast_fold)
     tol = None

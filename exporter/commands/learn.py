@@ -1,6 +1,6 @@
 """`uniforget learn`: learn UniForget gates from neutral prompts and write a MaskSet.
 
-    uniforget learn --model toy --beta medium --out masks.safetensors [--prompts FILE]
+    uniforget learn --model toy --beta auto|weak|medium|strong|NUMBER --out masks.safetensors [--prompts FILE]
         [--targets heads,ffn,norm] [--steps 300] [--lr 0.05] [--sampler-steps 6] [--batch 8]
         [--checkpoint-every 50] [--resume]
 
@@ -15,18 +15,31 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from uniforget.calibrate import CalibrationConfig, parse_ladder
 from uniforget.learn import LearnConfig, LearnRequest, LearnResult, StepStats, parse_beta, run_learn
 from uniforget.sampler import CHECKPOINTING, SamplerConfig
 from uniforget.targets import KINDS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    d, ds = LearnConfig(), SamplerConfig()
+    d, ds, dc = LearnConfig(), SamplerConfig(), CalibrationConfig()
     p = subparsers.add_parser("learn", help="learn gates from neutral prompts -> MaskSet",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline folder or a .safetensors checkpoint")
     p.add_argument("--out", type=Path, default=Path("masks.safetensors"), help="MaskSet file to write")
-    p.add_argument("--beta", default="medium", help="sparsity weight: weak (1), medium (2), strong (5) or a number")
+    p.add_argument("--beta", default="auto",
+                   help="sparsity weight: auto (default: the strongest rung of --ladder whose drift on held-out neutral "
+                        "prompts stays within --budget), weak (1), medium (2), strong (5) or a number")
+    p.add_argument("--budget", type=float, default=dc.budget,
+                   help=f"--beta auto: max relative latent drift on held-out neutral prompts (default {dc.budget:g})")
+    p.add_argument("--ladder", default=",".join(f"{b:g}" for b in dc.ladder),
+                   help="--beta auto: increasing betas to try (default %(default)s)")
+    p.add_argument("--holdout", type=float, default=dc.holdout,
+                   help=f"--beta auto: share of the neutral prompts held out for the budget (default {dc.holdout:g})")
+    p.add_argument("--rung-steps", type=int, default=None,
+                   help="--beta auto: steps of each rung after the first (default: half of --steps)")
+    p.add_argument("--recon", choices=("relative", "absolute"), default=d.recon,
+                   help="reconstruction term: relative (/ variance of the original's latents; default) or absolute")
     p.add_argument("--prompts", type=Path, default=None,
                    help="neutral prompts, one per line (default: the toy's training prompts, else a shipped generic list)")
     p.add_argument("--targets", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
@@ -60,13 +73,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def _config(args: argparse.Namespace) -> LearnRequest:
     kinds = tuple(k.strip() for k in args.targets.split(",") if k.strip())
-    cfg = LearnConfig(beta=parse_beta(args.beta), steps=args.steps, lr=args.lr, lr_min=args.lr_min,
+    cal = None
+    if str(args.beta).lower() == "auto":
+        cal = CalibrationConfig(ladder=parse_ladder(args.ladder), budget=args.budget, holdout=args.holdout,
+                                rung_steps=args.rung_steps)
+    beta = cal.ladder[0] if cal is not None else parse_beta(args.beta)
+    cfg = LearnConfig(beta=beta, recon=args.recon, steps=args.steps, lr=args.lr, lr_min=args.lr_min,
                       optimizer=args.optimizer, weight_decay=args.weight_decay, batch=args.batch, kinds=kinds,
                       sampler=_sampler(args), seed=args.seed, precision=args.precision)
     return LearnRequest(model=args.model, out=args.out, config=cfg, prompts_file=args.prompts,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
                         guidance_scale=args.guidance_scale, history=args.history, drift_prompts=args.drift_prompts,
-                        controls=args.controls)
+                        controls=args.controls, calibration=cal)
 
 
 def _sampler(args: argparse.Namespace) -> SamplerConfig:
@@ -85,9 +103,17 @@ def run(args: argparse.Namespace) -> int:
         result = run_learn(req)
     else:
         result = _with_progress(req)
-    closed = ", ".join(f"{k} {v:.1%}" for k, v in result.history[-1].closed.items()) if result.history else "-"
-    drift = result.maskset.meta.get("neutral_drift_rel")
-    print(f"wrote {req.out}  closed: {closed}  neutral drift (rel): {drift or '-'}  ({result.wall_s:.0f} s)")
+    from uniforget.learn import kind_summary
+
+    closed = ", ".join(f"{k} {v:.1%}" for k, v in kind_summary(result.maskset.gate_values())[0].items())
+    meta = result.maskset.meta
+    drift = meta.get("neutral_drift_rel")
+    print(f"wrote {req.out}  beta {meta.get('beta')}  closed: {closed}  neutral drift (rel): {drift or '-'}  "
+          f"({result.wall_s:.0f} s)")
+    if meta.get("beta_mode") == "auto":
+        print(f"  --beta auto: ladder beta:held-out drift {meta['calibration_rungs']}, budget "
+              f"{meta['calibration_budget_rel_drift']}, chose beta {meta['beta']}"
+              + (" (OVER BUDGET even at the weakest rung)" if meta["calibration_over_budget"] == "true" else ""))
     return 0
 
 
@@ -96,11 +122,17 @@ def _with_progress(req: LearnRequest) -> LearnResult:
 
     cols = (TextColumn("learn"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*cols, transient=False) as bar:
-        task = bar.add_task("learn", total=req.config.steps, info="")
+        total = req.config.steps
+        if req.calibration is not None:  # an upper bound: the ladder may stop early
+            rung = req.calibration.rung_steps or max(1, req.config.steps // 2)
+            total += rung * (len(req.calibration.ladder) - 1)
+        task = bar.add_task("learn", total=total, info="")
+        done = [0]
 
         def update(s: StepStats) -> None:
             shut = " ".join(f"{k}:{v:.0%}" for k, v in s.closed.items())
-            bar.update(task, completed=s.step,
+            done[0] += 1
+            bar.update(task, completed=done[0],
                        info=f"mse {s.mse:.2e}  l1 {s.l1:.3f}  lr {s.lr:.3g}  closed {shut}")
 
         return run_learn(req, callback=update)

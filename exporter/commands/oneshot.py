@@ -25,7 +25,9 @@ def _norms(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from exporter.cli import OneLineErrorParser
+
+    p = OneLineErrorParser(
         prog="uniforget-export",
         description="Checkpoint -> masks -> plan -> slim UNet -> ONNX (+ pipeline) -> TensorRT (--trt) -> Triton "
                     "repository -> validation -> report, into engines/NAME (written to a temporary sibling and "
@@ -33,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="toy", help="'toy' (default, the embedded testbed) or a diffusers pipeline folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--masks", type=Path, help="a masks.safetensors MaskSet learned for this model")
-    src.add_argument("--beta", default="medium", choices=("weak", "medium", "strong"),
-                     help="use the MaskSet the model ships for this beta (else learn one); default medium")
+    src.add_argument("--beta", default="auto",
+                     help="auto (default: the strongest mask whose drift on held-out neutral prompts stays within "
+                          "budget), weak, medium, strong, or a number; the model's shipped MaskSet for it is used, "
+                          "else one is learned")
     p.add_argument("--ratio", type=_ratio, default=0.05,
                    help="fraction of UNet parameters to remove, or 'auto' (exactly the closed gates); default 0.05")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT and a GPU)")
@@ -42,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default engines/<model>-<beta>-r<ratio>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--learn-steps", type=int, default=300, help="mask-learning steps when no MaskSet is found")
+    p.add_argument("--retrain-steps", type=int, default=0,
+                   help="brief neutral retrain of the slim UNet against the original (default 0 = off)")
     v = p.add_argument_group("validation (defaults sized to keep the toy's run within ~10 min on 2 CPU cores)")
     v.add_argument("--no-validate", action="store_true", help="skip memorization/quality evaluation and latency")
     v.add_argument("--seeds", type=int, default=8, help="seeds per memorized caption (default 8)")
@@ -50,10 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--neutral-seeds", type=int, default=1, help="seeds per neutral prompt (default 1)")
     v.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's own)")
     v.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's own)")
-    v.add_argument("--perturb", type=_norms, default=(0.1,),
-                   help="relative norms of random trigger-embedding perturbations (default 0.1; '' = none)")
-    v.add_argument("--optimized-perturbation", type=float, nargs="?", const=0.1, default=None, metavar="NORM",
-                   help="also test an optimized trigger-embedding perturbation in this norm ball (default 0.1; slow)")
+    v.add_argument("--perturb", type=_norms, default=(),
+                   help="relative norms of random trigger-embedding perturbations (default none, e.g. 0.05,0.1)")
+    v.add_argument("--optimized-perturbation", type=float, default=0.1, metavar="NORM",
+                   help="norm ball of the optimized trigger-embedding perturbation (default 0.1)")
+    v.add_argument("--no-optimized", action="store_true", help="skip the optimized perturbation")
+    v.add_argument("--empty-seeds", type=int, default=48,
+                   help="empty-prompt generations for the global-mode check (default 48; 0 = skip)")
+    v.add_argument("--no-controls", action="store_true",
+                   help="skip the random-removal and shuffled-gates controls at matched drift")
+    v.add_argument("--eval-prompts", type=Path,
+                   help="any model: JSON with 'neutral' prompts and 'memorized' captions (optional reference images)")
     v.add_argument("--bench-runs", type=int, default=20, help="timed UNet calls per runtime (>= 20)")
     v.add_argument("--eval-spec", type=Path, help="dataset spec (toy format) naming the memorized items to test")
     t = p.add_argument_group("parity tolerances (the report records the measured maxima)")
@@ -116,11 +129,14 @@ def options_from_args(args: argparse.Namespace):
     return ExportOptions(
         model=args.model, masks=args.masks, beta=args.beta, ratio=args.ratio, trt=args.trt, fp16=args.fp16,
         out=args.out, force=args.force, validate=not args.no_validate, learn_steps=args.learn_steps,
-        eval_spec=args.eval_spec, progress=not args.quiet,
+        eval_spec=args.eval_spec, eval_prompts=args.eval_prompts, retrain_steps=args.retrain_steps,
+        progress=not args.quiet,
         tolerances=Tolerances(slim_atol=args.slim_atol, onnx_atol=args.onnx_atol, trt_atol=args.trt_atol,
                               trt_rtol=args.trt_rtol),
         size=ValidationSize(seeds=args.seeds, neutral_prompts=args.neutral_prompts, neutral_seeds=args.neutral_seeds,
-                            perturb_norms=args.perturb, optimized_norm=args.optimized_perturbation, steps=args.steps,
+                            perturb_norms=args.perturb,
+                            optimized_norm=None if args.no_optimized else args.optimized_perturbation,
+                            empty_seeds=args.empty_seeds, controls=not args.no_controls, steps=args.steps,
                             guidance=args.guidance,
                             bench_runs=args.bench_runs),
         command=python_command(getattr(args, "argv", None)))
@@ -146,13 +162,50 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"Exporting aten::")
 
 
+def summary_table(res: Any) -> Any:
+    """The closing table: what was removed, memorization before -> after, parity maxima, latency (the report's
+    path is printed below it, whole, so it can be copied)."""
+    from exporter.tables import fitted_table
+
+    rows = []
+    p = res.plan
+    rows.append(("parameters removed", f"{p['ratio_achieved']:.2%} ({p['params_before']:,} -> {p['params_after']:,})"))
+    if p.get("flop_ratio") is not None:
+        rows.append(("FLOPs slim/dense", f"{p['flop_ratio']:.3f}"))
+    if res.evaluation is not None:
+        ev = res.evaluation
+        o, s = ev["original"], ev.get("retrained") or ev["slim"]
+        rows.append(("memorized copy rate", f"{o.memorized.copy_rate:.1%} -> {s.memorized.copy_rate:.1%}"))
+        rows.append(("planted image nearest", f"{o.memorized.nn_identity:.1%} -> {s.memorized.nn_identity:.1%}"))
+        for key in o.perturbed:
+            rows.append((f"copy rate, trigger {key}",
+                         f"{o.perturbed[key].copy_rate:.1%} -> {s.perturbed[key].copy_rate:.1%}"))
+        if o.judge_accuracy is not None:
+            rows.append(("neutral judge accuracy", f"{o.judge_accuracy:.1%} -> {s.judge_accuracy:.1%}"))
+        if o.wen_auc is not None and s.wen_auc is not None:
+            rows.append(("Wen AUC", f"{o.wen_auc:.3f} -> {s.wen_auc:.3f}"))
+        if s.drift_neutral is not None:
+            rows.append(("neutral drift (RMS)", f"{s.drift_neutral:.4f}"))
+        for name, c in (ev.get("controls") or {}).items():
+            rows.append((f"control {name}: copy rate", f"{c.memorized.copy_rate:.1%} (drift {c.drift_neutral:.4f})"))
+    for gate, g in res.parity.items():
+        rows.append((f"parity: {gate}", f"{g['max_abs']:.2e}" if g.get("max_abs") is not None else "-"))
+    if res.bench is not None:
+        for row in res.bench.rows():
+            if row["latency_ratio"] is not None:
+                rows.append((f"latency {row['runtime']} (p50 ms)",
+                             f"{row['dense_p50_ms']:.1f} -> {row['slim_p50_ms']:.1f} (x{row['latency_ratio']:.2f})"))
+    rows.append(("wall time", f"{res.wall_seconds:.0f} s"))
+    return fitted_table(("measure", ("value", "right")), rows, title=f"uniforget-export: {res.out}")
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
-    from exporter.oneshot import run_export
+    from exporter.oneshot import preflight, run_export
 
     opts = options_from_args(args)
+    preflight(opts)  # every refusal that needs nothing loaded, before torch or diffusers is even imported
     if args.verbose < 2:
         _quiet_libraries()
     obs = RichObserver(quiet=args.quiet)
@@ -160,33 +213,12 @@ def run(args: argparse.Namespace) -> int:
         res = run_export(opts, obs)
     finally:
         obs.close()
-    table = Table(title=f"uniforget-export: {res.out}", title_justify="left")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    p = res.plan
-    table.add_row("parameters removed", f"{p['ratio_achieved']:.2%} ({p['params_before']:,} -> {p['params_after']:,})")
-    if p.get("flop_ratio") is not None:
-        table.add_row("FLOPs slim/dense", f"{p['flop_ratio']:.3f}")
-    if res.evaluation is not None:
-        o, s = res.evaluation["original"], res.evaluation["slim"]
-        table.add_row("memorized copy rate", f"{o.memorized.copy_rate:.1%} -> {s.memorized.copy_rate:.1%}")
-        for key in o.perturbed:
-            table.add_row(f"copy rate, trigger {key}",
-                          f"{o.perturbed[key].copy_rate:.1%} -> {s.perturbed[key].copy_rate:.1%}")
-        if o.judge_accuracy is not None:
-            table.add_row("neutral judge accuracy", f"{o.judge_accuracy:.1%} -> {s.judge_accuracy:.1%}")
-        if s.drift_neutral is not None:
-            table.add_row("neutral drift (RMS)", f"{s.drift_neutral:.4f}")
-    for gate, g in res.parity.items():
-        table.add_row(f"parity: {gate}", f"{g['max_abs']:.2e}" if g.get("max_abs") is not None else "-")
-    if res.bench is not None:
-        for row in res.bench.rows():
-            if row["latency_ratio"] is not None:
-                table.add_row(f"latency {row['runtime']} (p50 ms)",
-                              f"{row['dense_p50_ms']:.1f} -> {row['slim_p50_ms']:.1f} (x{row['latency_ratio']:.2f})")
-    table.add_row("wall time", f"{res.wall_seconds:.0f} s")
-    table.add_row("report", str(res.report.get("markdown", "")))
-    Console(quiet=args.quiet).print(table)
+    console = Console(quiet=args.quiet)
+    if res.verdict is not None:
+        console.print(res.verdict if isinstance(res.verdict, str) else res.verdict.sentence, highlight=False,
+                      soft_wrap=True)
+    console.print(summary_table(res))
+    console.print(f"report: {res.report.get('markdown', '')}", highlight=False, soft_wrap=True)
     return 0
 
 

@@ -49,17 +49,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def plan_table(plan: PruningPlan, title: str):
+    """The before/after table (parameters, FLOPs, units per kind), sized for an 80-column terminal."""
+    from exporter.tables import fitted_table
+
+    return fitted_table((("", "left"), ("before", "right"), ("after", "right"), ("change", "right")),
+                        plan.summary_rows(), title=title)
+
+
 def print_plan_table(plan: PruningPlan, title: str) -> None:
     """The before/after table (rich) on stdout."""
     from rich.console import Console
-    from rich.table import Table
 
-    t = Table(title=title)
-    for col, just in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
-        t.add_column(col, justify=just)
-    for row in plan.summary_rows():
-        t.add_row(*row)
-    Console().print(t)
+    Console().print(plan_table(plan, title))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from exporter.publish import check_can_create
+
+    check_can_create(args.out, "--out")  # before the model is loaded
     req = PruneRequest(out=args.out, masks=args.masks,
                        ratio=None if args.ratio is None else parse_ratio(args.ratio), plan=args.plan,
                        model=args.model, unet_dir=args.unet, reference_shape=reference_shape(args),

@@ -23,6 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--model", default="toy", help="'toy' (default), a diffusers pipeline folder, or a .safetensors file")
     p.add_argument("--masks", help="a masks.safetensors MaskSet to evaluate against the original")
     p.add_argument("--spec", help="toy dataset spec JSON (default: the shipped one)")
+    p.add_argument("--prompts", help="evaluation prompts for any model: JSON with 'neutral' prompts and 'memorized' "
+                                     "captions, each with an optional reference 'image' (overrides --spec)")
+    p.add_argument("--empty-seeds", type=int, default=48,
+                   help="empty-prompt generations for the global-mode check (default 48; 0 = skip)")
     p.add_argument("--judge", help="judge folder (default: beside the model, else the shipped one)")
     p.add_argument("--seeds", type=int, default=8, help="seeds per memorized caption (default 8)")
     p.add_argument("--neutral-seeds", type=int, default=1, help="seeds per neutral prompt (default 1)")
@@ -41,21 +45,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
+
+    from exporter.tables import fitted_table
 
     cfg = EvalConfig(seeds=args.seeds, neutral_seeds=args.neutral_seeds, neutral_prompts=args.neutral_prompts,
                      steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
                      perturb_norms=args.perturb, optimized_norm=None if args.no_optimized else args.optimized_norm,
-                     progress=not getattr(args, "quiet", False))
-    report = validate(ValidateOptions(model=args.model, masks=args.masks, spec=args.spec, judge=args.judge,
+                     empty_seeds=args.empty_seeds, progress=not getattr(args, "quiet", False))
+    report = validate(ValidateOptions(model=args.model, masks=args.masks, spec=args.spec, prompts=args.prompts,
+                                      judge=args.judge,
                                       config=cfg, json_path=args.json_path, allow_pickle=args.allow_pickle))
-    table = Table(title=f"uniforget validate: {report.model}")
-    table.add_column("measure")
+    table = fitted_table([("measure", "left"), *((e.label, "right") for e in report.evaluations)],
+                         [(name, *cells) for name, cells in table_rows(report.evaluations)],
+                         title=f"uniforget validate: {report.model}")
+    console = Console()
+    console.print(table)
     for e in report.evaluations:
-        table.add_column(e.label, justify="right")
-    for name, cells in table_rows(report.evaluations):
-        table.add_row(name, *cells)
-    Console().print(table)
+        console.print(f"{e.label}: {e.signature.reading}")
     if args.json_path:
-        Console().print(f"wrote {args.json_path}")
+        console.print(f"wrote {args.json_path}")
     return 0

@@ -59,5 +59,32 @@ def fast_size():
     """Validation sized for seconds: 1 seed, 2 sampler steps, 2 neutral prompts, one perturbation."""
     from exporter.oneshot import ValidationSize
 
-    return ValidationSize(seeds=1, neutral_prompts=2, neutral_seeds=1, perturb_norms=(0.1,), steps=EVAL_STEPS, guidance=EVAL_GUIDANCE,
-                          batch_size=8, bench_runs=20, bench_batch=1)
+    return ValidationSize(seeds=1, neutral_prompts=2, neutral_seeds=1, perturb_norms=(0.1,), optimized_norm=None,
+                          empty_seeds=4, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, batch_size=8, bench_runs=20,
+                          bench_batch=1)
+
+
+@pytest.fixture(scope="module")
+def unet_onnx(tmp_path_factory) -> Path:
+    """A tiny SD1-geometry UNet exported to ONNX (the Triton repository tests copy it into every model slot)."""
+    from exporter.onnx_export import OnnxExportOptions, export_unet
+    from uniforget.geometries import TINY, build_unet
+
+    path = tmp_path_factory.mktemp("unet") / "unet.onnx"
+    export_unet(build_unet(TINY["sd1"]), path, OnnxExportOptions(fold_constants=False))
+    return path
+
+
+@pytest.fixture()
+def pipeline_dir(tmp_path, unet_onnx) -> Path:
+    """A folder in the exported pipeline's layout (the writer copies it; the e2e test runs a real one)."""
+    import shutil
+
+    d = tmp_path / "pipe"
+    for part in ("text_encoder", "unet", "vae_decoder"):
+        (d / part).mkdir(parents=True)
+        shutil.copy(unet_onnx, d / part / "model.onnx")
+    (d / "tokenizer").mkdir()
+    (d / "scheduler").mkdir()
+    (d / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
+    return d

@@ -36,8 +36,17 @@ def _leftovers(out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def finished(tiny_model_dir, tiny_masks, tiny_eval_data, fast_size, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    res = run_export(_opts(tiny_model_dir, tiny_masks, out, fast_size, eval_data=tiny_eval_data))
+    """One full run with a brief retrain, and 'controls' shipped beside the masks (copies of the masks
+    themselves: the plumbing is under test here, not the science)."""
+    import shutil
+
+    work = tmp_path_factory.mktemp("engines")
+    masks = work / "m.safetensors"
+    shutil.copyfile(tiny_masks, masks)
+    for name in ("random", "shuffled"):
+        shutil.copyfile(tiny_masks, work / f"m.control-{name}.safetensors")
+    out = work / "tiny"
+    res = run_export(_opts(tiny_model_dir, masks, out, fast_size, eval_data=tiny_eval_data, retrain_steps=2))
     return out, res
 
 
@@ -72,7 +81,34 @@ def test_report_numbers(finished):
     md = (out / "report" / "report.md").read_text()
     for needle in ("memorized copy rate", "Parity gates", "images/memorized.png", "latency.png", "slim/dense"):
         assert needle in md
-    assert [s["name"] for s in rep["stages"]][:4] == ["load model", "masks", "plan", "slim UNet"]
+    assert [s["name"] for s in rep["stages"]][:5] == ["load model", "masks", "plan", "slim UNet", "retrain"]
+
+
+def test_retrain_controls_signature_and_verdict_are_reported(finished, tiny_model_dir):
+    out, res = finished
+    rep = json.loads((out / "report" / "report.json").read_text())
+    ev = rep["evaluation"]
+    assert set(ev["controls"]) == {"random", "shuffled"}
+    assert ev["retrained"]["drift_neutral"] is not None  # against the original, like the pruned slim model
+    for col in ("original", "slim", "retrained"):
+        assert ev[col]["empty_prompt"]["n"] == 4 and ev[col]["signature"]["kind"]
+    assert rep["verdict"]["status"] in ("reduced", "not beyond controls", "not reduced", "nothing to reduce")
+    md = (out / "report" / "report.md").read_text().splitlines()
+    assert md[4].startswith("**") and rep["verdict"]["sentence"] in md[4]  # the report opens with the verdict
+    assert "slim + retrain" in "\n".join(md) and "control: random" in "\n".join(md)
+    # the shipped unet/ is the retrained one (not the pruned weights), and ONNX Runtime was checked against it
+    import torch
+
+    from uniforget.models import load_pipeline
+    from uniforget.plan import PruningPlan
+    from uniforget.prune import prune_unet
+    from uniforget.slim_io import load_slim_unet
+
+    shipped = load_slim_unet(out / "unet")
+    pruned = prune_unet(load_pipeline(str(tiny_model_dir)).unet, PruningPlan.load(out / "plan.json"))
+    assert any(not torch.equal(a, b) for a, b in zip(shipped.state_dict().values(), pruned.state_dict().values(),
+                                                       strict=True))
+    assert rep["parity"]["ONNX Runtime == slim torch (fp32)"]["passed"]
 
 
 def test_existing_output_without_force_is_refused(finished, tiny_model_dir, tiny_masks, capsys):
@@ -127,6 +163,23 @@ def test_keyboard_interrupt_mid_run_leaves_no_directory(tiny_model_dir, tiny_mas
     assert "interrupted" in capsys.readouterr().err
 
 
+def test_sigterm_mid_run_leaves_no_directory(tiny_model_dir, tiny_masks, tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM during the ONNX stage unwinds like Ctrl-C: exit 130, nothing left behind."""
+    import os
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(oneshot, "stage_onnx", lambda run: os.kill(os.getpid(), signal.SIGTERM))
+    out = tmp_path / "sigterm"
+    try:
+        rc = export_main(["--model", str(tiny_model_dir), "--masks", str(tiny_masks), "--out", str(out), "-q",
+                          "--no-validate"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert rc == 130
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def test_trt_without_tensorrt_exits_before_any_work(tmp_path, monkeypatch, capsys):
     from exporter.tensorrt_build import tensorrt_available
 
@@ -152,6 +205,15 @@ def test_preflight_refusals(tiny_model_dir, tmp_path):
         oneshot.preflight(replace(base, ratio=1.5))
     with pytest.raises(ExportError, match="model not found"):
         oneshot.preflight(replace(base, model=str(tmp_path / "no-model")))
+    for bad in ("loud", "-1", "nan"):
+        with pytest.raises(ExportError, match="--beta"):
+            oneshot.preflight(replace(base, beta=bad))
+    for ok in ("auto", "strong", "12.5"):
+        oneshot.preflight(replace(base, beta=ok))
+    with pytest.raises(ExportError, match="--retrain-steps"):
+        oneshot.preflight(replace(base, retrain_steps=-1))
+    with pytest.raises(ExportError, match="--eval-prompts"):
+        oneshot.preflight(replace(base, eval_prompts=tmp_path / "none.json"))
     assert not (tmp_path / "o").exists()
     assert issubclass(MissingDependencyError, Exception)
 

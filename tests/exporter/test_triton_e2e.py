@@ -50,12 +50,14 @@ def server(repo):
         s.stop()
 
 
-def _request(client, prompt: str, seed: int | None = None, steps: int | None = None):
+def _request(client, prompt: str, seed: int | None = None, steps: int | None = None,
+             guidance: float | None = None):
     inputs = [httpclient.InferInput("prompt", [1], "BYTES")]
     inputs[0].set_data_from_numpy(np.array([prompt.encode()], dtype=object))
-    for name, dtype, value in (("seed", np.int64, seed), ("steps", np.int32, steps)):
+    for name, dtype, kind, value in (("seed", np.int64, "INT64", seed), ("steps", np.int32, "INT32", steps),
+                                     ("guidance_scale", np.float32, "FP32", guidance)):
         if value is not None:
-            t = httpclient.InferInput(name, [1], "INT64" if dtype is np.int64 else "INT32")
+            t = httpclient.InferInput(name, [1], kind)
             t.set_data_from_numpy(np.array([value], dtype=dtype))
             inputs.append(t)
     return client.infer(PIPELINE, inputs).as_numpy("image")
@@ -88,13 +90,20 @@ def test_served_image_equals_in_process_pipeline(server, repo):
     assert not np.array_equal(served, other), "different seeds gave the same image: the comparison means nothing"
 
 
-def test_bad_request_is_answered_and_server_keeps_serving(server):
+@pytest.mark.parametrize("bad, needle", [({"steps": 0}, "steps"), ({"seed": -1}, "seed"),
+                                         ({"guidance": float("nan")}, "guidance_scale"),
+                                         ({"guidance": float("inf")}, "guidance_scale")],
+                         ids=["steps 0", "seed -1", "guidance NaN", "guidance inf"])
+def test_bad_input_is_http_400_and_server_keeps_serving(server, bad, needle):
+    """A client's out-of-range input is the client's error (400), not the server's (500), and no image."""
     from tritonclient.utils import InferenceServerException
 
     client = httpclient.InferenceServerClient(server.url)
     try:
-        with pytest.raises(InferenceServerException, match="num_inference_steps"):
-            _request(client, "a cat", seed=1, steps=0)
+        with pytest.raises(InferenceServerException) as e:
+            _request(client, "a cat", **{"seed": 1, **bad})
+        assert e.value.status() == "400", (e.value.status(), e.value.message())
+        assert needle in e.value.message() and "bad request" in e.value.message()
         assert _request(client, "a cat", seed=1).shape == (16, 16, 3)
     finally:
         client.close()

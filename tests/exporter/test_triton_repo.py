@@ -4,8 +4,6 @@ options (batching, instances), malformed configs rejected, and nothing half-writ
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -23,29 +21,6 @@ from exporter.triton_repo import (  # noqa: E402
     validate_repository,
     write_repository,
 )
-
-
-@pytest.fixture(scope="module")
-def unet_onnx(tmp_path_factory) -> Path:
-    from exporter.onnx_export import OnnxExportOptions, export_unet
-    from uniforget.geometries import TINY, build_unet
-
-    path = tmp_path_factory.mktemp("unet") / "unet.onnx"
-    export_unet(build_unet(TINY["sd1"]), path, OnnxExportOptions(fold_constants=False))
-    return path
-
-
-@pytest.fixture()
-def pipeline_dir(tmp_path, unet_onnx) -> Path:
-    """A folder in the exported pipeline's layout (the writer copies it; the e2e test runs a real one)."""
-    d = tmp_path / "pipe"
-    for part in ("text_encoder", "unet", "vae_decoder"):
-        (d / part).mkdir(parents=True)
-        shutil.copy(unet_onnx, d / part / "model.onnx")
-    (d / "tokenizer").mkdir()
-    (d / "scheduler").mkdir()
-    (d / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
-    return d
 
 
 def test_default_repository_parses_against_triton_schema(tmp_path, unet_onnx, pipeline_dir):

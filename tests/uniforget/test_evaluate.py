@@ -187,14 +187,16 @@ def test_shipped_toy_loads_like_a_user_folder_and_generates_finite_images():
 @needs_toy
 @pytest.mark.slow
 def test_shipped_toy_meets_the_testbed_targets():
-    """TESTBED.md: copy rate >= 90% over 8 seeds and no neutral copies (both met). The judge target (>= 80% on
-    held-out prompts) is missed by the shipped toy (77.8%, MODEL_CARD.md): this guards the measured level
-    minus two standard errors, so a regression fails. Wen's norm separates the sets, in the reverse direction."""
+    """TESTBED.md version 2, on the shipped toy (MODEL_CARD.md measured 100% copies, 100% NN identity, empty
+    prompt 0% / 0% over 48 seeds, Wen AUC 1.000 memorized higher, judge 100%): every floor, so a regression
+    of the toy or of the signature check fails here."""
     from uniforget.evaluate import ValidateOptions, validate
 
-    rep = validate(ValidateOptions(config=EvalConfig(seeds=8, perturb_norms=(), optimized_norm=None)))
+    rep = validate(ValidateOptions(config=EvalConfig(seeds=8, perturb_norms=(), optimized_norm=None, empty_seeds=48)))
     ev = rep.evaluations[0]
-    assert ev.memorized.copy_rate >= 0.9
+    assert ev.memorized.copy_rate >= 0.9 and ev.memorized.nn_identity >= 0.95
     assert ev.neutral_copy_rate == 0.0
-    assert ev.judge_accuracy is not None and ev.judge_accuracy >= 0.70
-    assert ev.wen_auc is not None and abs(ev.wen_auc - 0.5) >= 0.4
+    assert ev.judge_accuracy is not None and ev.judge_accuracy >= 0.90
+    assert ev.empty_prompt is not None and ev.empty_prompt.clean
+    assert ev.wen_auc is not None and ev.wen_auc >= 0.9 and ev.signature.wen_direction == "memorized higher"
+    assert ev.signature.kind == "prompt-triggered"

@@ -68,13 +68,20 @@ def test_large_beta_closes_gates_beta_zero_keeps_them(pipe, cond):
     assert not any(p.requires_grad for p in pipe.unet.parameters())
 
 
-def test_loss_is_reconstruction_plus_beta_l1(pipe, cond):
-    """The logged loss is mse + beta * mean relaxed mask, and the reconstruction part becomes non-zero."""
-    cfg = replace(FAST, beta=0.5, steps=15, lr=0.1)
+@pytest.mark.parametrize("recon", ["relative", "absolute"])
+def test_loss_is_reconstruction_plus_beta_l1(pipe, cond, recon):
+    """The logged loss is rec + beta * mean relaxed mask, rec = mse (absolute) or mse / var(original latents)
+    (relative, the default), and the reconstruction part becomes non-zero."""
+    cfg = replace(FAST, beta=0.5, steps=15, lr=0.1, recon=recon)
     learned = _learn(pipe, cond, cfg)
-    assert learned.history[-1].mse > 0
-    assert any(s.mse > 0 for s in learned.history)
-    assert learned.history[-1].loss == pytest.approx(learned.history[-1].mse + 0.5 * learned.history[-1].l1, rel=1e-5)
+    last = learned.history[-1]
+    assert last.mse > 0 and any(s.mse > 0 for s in learned.history)
+    assert last.loss == pytest.approx(last.rec + 0.5 * last.l1, rel=1e-5)
+    if recon == "absolute":
+        assert last.rec == pytest.approx(last.mse, rel=1e-6)
+    else:
+        assert last.rec != pytest.approx(last.mse, rel=1e-3)  # divided by the batch's latent variance
+    assert learned.maskset.meta["recon"] == recon
 
 
 def test_resume_equals_uninterrupted(pipe, cond, tmp_path):

@@ -71,3 +71,18 @@ def test_training_pairs_repeat_items():
     assert len(imgs) == len(caps) == spec.n_neutral + sum(m.repeats for m in spec.memorized)
     for m in spec.memorized:
         assert caps.count(m.caption) == m.repeats
+
+
+def test_shipped_toy_fits_the_size_limit_and_matches_its_checksums():
+    """TESTBED.md: at most 25 MB shipped; SHA256SUMS lists what the training run wrote (a rerun is compared to it)."""
+    import hashlib
+
+    root = SPEC_PATH.parent
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    assert size <= 25 * 1024 * 1024, f"{size / 1e6:.1f} MB"
+    sums = root / "SHA256SUMS"
+    if not (root / "pipeline" / "model_index.json").is_file():
+        return
+    for line in sums.read_text().splitlines():
+        digest, rel = line.split()
+        assert hashlib.sha256((root / rel).read_bytes()).hexdigest() == digest, rel

@@ -1,0 +1,150 @@
+"""What a new user meets first: a bad option or an output path that can never be written is refused as one line
+`error: ...` with exit code 2 before torch or diffusers is imported, and library chatter that is not theirs
+(transformers' "requires torchvision" fallback notes) stays off stderr while real errors stay visible."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import _setup_logging, main
+from exporter.errors import ExportError
+from exporter.publish import check_can_create
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Runs the real entry point in a fresh interpreter (this one has torch imported already) and reports what the
+# refusal cost: its exit code and whether any heavy module was imported on the way.
+PROBE = """
+import json, sys
+from exporter.cli import export_main
+try:
+    rc = export_main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code
+print(json.dumps({"rc": rc, "heavy": sorted(m for m in ("torch", "diffusers", "transformers", "onnx",
+                                                         "onnxruntime") if m in sys.modules)}))
+"""
+
+
+def _one_shot(*argv: str, cwd: Path = ROOT) -> tuple[dict, list[str]]:
+    proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr.strip().splitlines()
+
+
+@pytest.fixture()
+def a_file(tmp_path) -> Path:
+    f = tmp_path / "plain-file"
+    f.write_text("not a folder")
+    return f
+
+
+BAD = {
+    "ratio 1.0": (["--ratio", "1.0"], "--ratio"),
+    "ratio nan": (["--ratio", "nan"], "--ratio"),
+    "ratio word": (["--ratio", "most"], "--ratio"),
+    "seeds 0": (["--seeds", "0"], "--seeds"),
+    "seeds not a number": (["--seeds", "many"], "--seeds"),
+    "guidance nan": (["--guidance", "nan"], "--guidance"),
+    "steps 0": (["--steps", "0"], "--steps"),
+    "neutral prompts 0": (["--neutral-prompts", "0"], "--neutral-prompts"),
+    "perturb inf": (["--perturb", "0.1,inf"], "--perturb"),
+    "optimized perturbation -1": (["--optimized-perturbation", "-1"], "--optimized-perturbation"),
+    "bench runs 5": (["--bench-runs", "5"], "--bench-runs"),
+    "onnx atol -1": (["--onnx-atol", "-1"], "--onnx-atol"),
+    "learn steps 0": (["--learn-steps", "0"], "--learn-steps"),
+    "empty seeds -1": (["--empty-seeds", "-1"], "--empty-seeds"),
+    "fp16 without trt": (["--fp16"], "--fp16"),
+    "unknown beta": (["--beta", "huge"], "--beta"),
+    "unknown option": (["--colour", "red"], "--colour"),
+    "masks missing": (["--masks", "no/such/masks.safetensors"], "masks file not found"),
+    "eval spec missing": (["--eval-spec", "no/such/spec.json"], "--eval-spec"),
+    "model missing": (["--model", "no/such/model"], "model not found"),
+}
+
+
+@pytest.mark.parametrize("argv, needle", BAD.values(), ids=BAD.keys())
+def test_one_shot_refuses_bad_options_in_one_line_before_heavy_imports(tmp_path, argv, needle):
+    res, err = _one_shot(*argv, "--out", str(tmp_path / "out"))
+    assert res["rc"] == 2, err
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert res["heavy"] == [], f"refusing {argv} imported {res['heavy']}"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_one_shot_refuses_an_out_under_proc(tmp_path):
+    res, err = _one_shot("--ratio", "0.05", "--out", "/proc/x/y")
+    assert res["rc"] == 2 and res["heavy"] == []
+    assert len(err) == 1 and err[0].startswith("error: cannot create --out /proc/x/y"), err
+
+
+def test_one_shot_refuses_an_out_whose_parent_is_a_file(tmp_path, a_file):
+    res, err = _one_shot("--ratio", "0.05", "--out", str(a_file / "y"))
+    assert res["rc"] == 2 and res["heavy"] == []
+    assert len(err) == 1 and "is a file" in err[0] and str(a_file) in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [a_file.name]  # the write probe left nothing
+
+
+def test_check_can_create(tmp_path, a_file):
+    check_can_create(tmp_path / "new" / "deeper")  # missing levels are fine: the nearest folder is writable
+    check_can_create(tmp_path)
+    assert list(tmp_path.iterdir()) == [a_file]
+    with pytest.raises(ExportError, match="is a file, not a folder"):
+        check_can_create(a_file)
+    with pytest.raises(ExportError, match="is a file, not a folder"):
+        check_can_create(a_file / "a" / "b")
+
+
+def test_stage_usage_mistake_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--ratio"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert err == ["error: argument --ratio: expected one argument (see uniforget plan --help)"]
+
+
+def test_prune_refuses_an_unwritable_out_before_loading(a_file, capsys):
+    rc = main(["prune", "--model", "no/such/model", "--ratio", "0.05", "--masks", "m.safetensors",
+               "--out", str(a_file / "slim")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "is a file, not a folder" in err[0], err
+
+
+# ------------------------------------------------------------------------------------------ library chatter
+
+def test_transformers_warnings_off_and_errors_kept(monkeypatch):
+    monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    tlog = logging.getLogger("transformers")
+    monkeypatch.setattr(tlog, "level", tlog.level)
+    _setup_logging(0)
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"  # read by transformers when it is imported later
+    if "transformers" in sys.modules:
+        assert not tlog.isEnabledFor(logging.WARNING) and tlog.isEnabledFor(logging.ERROR)
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "info")  # the user's own choice wins
+    tlog.setLevel(logging.INFO)
+    _setup_logging(0)
+    assert tlog.isEnabledFor(logging.INFO)
+
+
+def test_cli_stderr_has_no_torchvision_fallback_note(tiny_model_dir, tiny_masks, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # as a user's shell has it
+    plain = subprocess.run([sys.executable, "-c", "from diffusers import StableDiffusionPipeline"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    if "requires torchvision" not in plain.stderr:
+        pytest.skip("this environment's transformers does not print the torchvision note: nothing to silence")
+    out = tmp_path / "plan.json"
+    proc = subprocess.run([sys.executable, "-m", "exporter.cli", "plan", "--model", str(tiny_model_dir), "--masks",
+                           str(tiny_masks), "--ratio", "0.05", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+    assert "requires torchvision" not in proc.stderr
+    assert "[transformers]" not in proc.stderr

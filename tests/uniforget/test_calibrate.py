@@ -1,0 +1,120 @@
+"""--beta auto: the ladder stops at the budget, the split is deterministic, and only neutral prompts are read."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from uniforget.calibrate import CalibrationConfig, CalibrationError, calibrate, parse_ladder, split_prompts
+from uniforget.geometries import tiny_pipeline
+from uniforget.learn import LearnConfig
+from uniforget.sampler import SamplerConfig, encode_prompts
+
+PROMPTS = ["a red circle", "a blue square", "green triangle on white", "small yellow star", "two grey dots",
+           "a big orange ring", "a purple cross", "black dot on gray"]
+FAST = LearnConfig(steps=4, batch=2, lr=0.1, sampler=SamplerConfig(steps=2, guidance_scale=3.0), seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline(image_size=8, text_len=32)
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    a, h = split_prompts(PROMPTS, 0.25, seed=0)
+    assert (a, h) == split_prompts(PROMPTS, 0.25, seed=0)
+    assert len(h) == 2 and not set(a) & set(h) and sorted(a + h) == sorted(PROMPTS)
+    assert split_prompts(PROMPTS, 0.25, seed=1) != (a, h)
+    with pytest.raises(CalibrationError, match="at least 2"):
+        split_prompts(["one"], 0.5)
+
+
+@pytest.mark.parametrize("kw, msg", [({"ladder": (2.0, 1.0)}, "increase"), ({"ladder": ()}, "ladder"),
+                                     ({"budget": 0.0}, "budget"), ({"holdout": 1.0}, "holdout"),
+                                     ({"rung_steps": 0}, "rung steps")])
+def test_bad_calibration_options(kw, msg):
+    with pytest.raises(CalibrationError, match=msg):
+        CalibrationConfig(**kw)
+
+
+def test_parse_ladder():
+    assert parse_ladder("1, 2,5") == (1.0, 2.0, 5.0)
+    with pytest.raises(CalibrationError):
+        parse_ladder("1,x")
+
+
+def test_ladder_keeps_the_strongest_rung_within_budget(pipe):
+    learn, held = split_prompts(PROMPTS, 0.25)
+    cl, ch = encode_prompts(pipe, learn), encode_prompts(pipe, held)
+    cal = CalibrationConfig(ladder=(0.0, 50.0, 5000.0), budget=1e9, rung_steps=3)
+    everything = calibrate(pipe.unet, pipe.scheduler, cl, ch, FAST, cal)
+    assert [r.beta for r in everything.rungs] == [0.0, 50.0, 5000.0] and everything.chosen == 2
+    drifts = [r.drift_rel for r in everything.rungs]
+    assert drifts[0] == 0.0 and drifts[2] > 0  # beta 0 keeps every gate at 1: exactly the original
+    assert everything.maskset.meta["beta_mode"] == "auto" and everything.maskset.meta["beta"] == "5000.0"
+    # a budget between rung 0 and the last: the ladder stops at the first rung over it and keeps the one below
+    tight = calibrate(pipe.unet, pipe.scheduler, cl, ch, FAST, replace(cal, budget=drifts[2] / 2))
+    assert tight.rungs[tight.chosen].drift_rel <= drifts[2] / 2 and tight.chosen < 2
+    assert not tight.over_budget
+    assert len(tight.rungs) == tight.chosen + 2  # stopped right after the first rung over budget
+
+
+def test_over_budget_at_the_first_rung_is_said(pipe):
+    learn, held = split_prompts(PROMPTS, 0.25)
+    cal = CalibrationConfig(ladder=(5000.0, 10000.0), budget=1e-12, rung_steps=1)
+    res = calibrate(pipe.unet, pipe.scheduler, encode_prompts(pipe, learn), encode_prompts(pipe, held), FAST, cal)
+    assert res.over_budget and res.chosen == 0 and len(res.rungs) == 1
+    assert res.maskset.meta["calibration_over_budget"] == "true"
+
+
+TOY = Path(__file__).parents[2] / "uniforget" / "toy"
+
+
+@pytest.mark.skipif(not (TOY / "pipeline" / "model_index.json").is_file(), reason="toy pipeline not trained")
+def test_calibration_reads_neutral_prompts_only(tmp_path, monkeypatch):
+    """Every prompt the run encodes is a neutral training prompt; nothing memorized or held out for
+    evaluation is encoded, and no planted image or evaluation file is opened. Fails if one enters the choice."""
+    import builtins
+
+    import uniforget.sampler as sampler
+    from uniforget.learn import LearnRequest, run_learn
+
+    seen: list[str] = []
+    real_encode = sampler.encode_prompts
+
+    def spy(pipe, prompts, *a, **kw):
+        seen.extend(prompts)
+        return real_encode(pipe, prompts, *a, **kw)
+
+    monkeypatch.setattr(sampler, "encode_prompts", spy)
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def watch(file, *a, **kw):
+        opened.append(str(file))
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", watch)
+    from PIL import Image
+
+    real_img = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **kw: (opened.append(str(fp)), real_img(fp, *a, **kw))[1])
+
+    cfg = LearnConfig(steps=1, batch=2, sampler=SamplerConfig(steps=1))
+    req = LearnRequest(model="toy", out=tmp_path / "m.safetensors", config=cfg, checkpoint_every=0, drift_prompts=0,
+                       calibration=CalibrationConfig(ladder=(1.0, 2.0), rung_steps=1), device="cpu")
+    ms = run_learn(req).maskset
+    train = set((TOY / "prompts_train.txt").read_text().split("\n")) - {""}
+    ev = json.loads((TOY / "prompts_eval.json").read_text())
+    forbidden = {e["prompt"] for e in ev["neutral"]} | {m["caption"] for m in ev["memorized"]}
+    spec = json.loads((TOY / "spec.json").read_text())
+    forbidden |= {m["caption"] for m in spec["memorized"]}
+    assert seen and set(seen) <= train, set(seen) - train
+    assert not set(seen) & forbidden
+    assert not [f for f in opened if "items" in Path(f).parts or f.endswith(("prompts_eval.json", "spec.json"))]
+    assert ms.meta["beta_mode"] == "auto" and float(ms.meta["neutral_drift_rel_holdout"]) >= 0
+    assert np.isfinite(float(ms.meta["beta"]))

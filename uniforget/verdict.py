@@ -1,0 +1,105 @@
+"""One plain sentence on whether memorization went down, and by how much against the controls.
+
+Why a rule and not a reading by eye: small models lose memorized images to *any* damage (METHOD.md), so a
+drop in copy rate means something only beside controls that damage neutral outputs as much (random removal
+and shuffled gates at matched neutral drift). The rule, stated once:
+
+- reduced: the strict copy rate fell by at least `MIN_REDUCTION` (relative), the neutral judge (where there
+  is one) stayed within two standard errors, and every control at matched drift reached less than half
+  of that reduction;
+- reduced, not beyond the controls: the copy rate fell, but a control fell at least half as far;
+- not reduced: the copy rate fell by less than `MIN_REDUCTION`;
+- nothing to reduce: the original copies in less than `MIN_ORIGINAL` of its generations;
+- not measured: no reference images (a user's model): then what could be checked (Wen's AUC, the
+  empty-prompt signature) is said instead, and what could not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MIN_REDUCTION = 0.5  # relative drop in strict copy rate that counts as "reduced"
+MIN_ORIGINAL = 0.1  # original copy rate below which there is nothing to reduce
+CONTROL_SHARE = 0.5  # a control reaching this share of the learned reduction explains it
+
+
+@dataclass(frozen=True)
+class Verdict:
+    status: str  # "reduced" | "not beyond controls" | "not reduced" | "nothing to reduce" | "not measured"
+    sentence: str
+    copy_reduction: float | None  # relative, 1 - after / before
+    nn_reduction: float | None
+    control_reductions: dict[str, float]
+    judge_within_2se: bool | None
+
+    @property
+    def reduced(self) -> bool:
+        return self.status == "reduced"
+
+
+def _ok(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def _rel(before: float, after: float) -> float:
+    return 1.0 - after / before if before > 0 else 0.0
+
+
+def judge_se(acc: float, n: int) -> float:
+    """Agresti-Coull standard error of a share: stays > 0 at 0% or 100% (a perfect judge is the toy's usual case,
+    where the plain binomial s.e. would be 0 and any single miss would count as a loss)."""
+    n = max(n, 1)
+    p = (acc * n + 2) / (n + 4)
+    return math.sqrt(p * (1 - p) / (n + 4))
+
+
+def judge_within(original: Any, after: Any) -> bool | None:
+    """After's judge accuracy is within two binomial standard errors of the original's (None without a judge)."""
+    if not (_ok(original.judge_accuracy) and _ok(after.judge_accuracy)):
+        return None
+    return original.judge_accuracy - after.judge_accuracy <= 2 * judge_se(original.judge_accuracy,
+                                                                             original.n_neutral)
+
+
+def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None, what: str = "the slim model",
+           next_step: str = "learn stronger masks (--beta strong, or a larger --budget with --beta auto)") -> Verdict:
+    """The verdict for `after` (an Evaluation) against `original`, with control Evaluations at matched drift."""
+    controls = dict(controls or {})
+    if not _ok(original.memorized.copy_rate):
+        wen = (f"Wen's AUC {original.wen_auc:.2f} -> {after.wen_auc:.2f}" if _ok(original.wen_auc)
+               and _ok(after.wen_auc) else "Wen's noise norm not measured")
+        return Verdict("not measured", f"Memorization not measured: no reference images for this model, so copy "
+                       f"rate and the empty-prompt check could not run; {wen} on the suspect captions.",
+                       None, None, {}, None)
+    before, now = original.memorized.copy_rate, after.memorized.copy_rate
+    red = _rel(before, now)
+    nn_red = _rel(original.memorized.nn_identity, after.memorized.nn_identity)
+    ctrl = {k: _rel(before, c.memorized.copy_rate) for k, c in controls.items()}
+    judge = judge_within(original, after)
+    judge_txt = "" if judge is None else (
+        f", neutral judge {original.judge_accuracy:.1%} -> {after.judge_accuracy:.1%}"
+        + ("" if judge else " (more than 2 standard errors lower)"))
+    ctrl_txt = ("; controls at matched neutral drift: " + ", ".join(
+        f"{k} {controls[k].memorized.copy_rate:.0%} ({v:+.0%})" for k, v in ctrl.items())) if ctrl else \
+        "; no controls were run"
+    nums = f"strict copies {before:.0%} -> {now:.0%} ({-red:+.0%}), planted image nearest {original.memorized.nn_identity:.0%} -> " \
+           f"{after.memorized.nn_identity:.0%}{judge_txt}"
+    if before < MIN_ORIGINAL:
+        return Verdict("nothing to reduce", f"Nothing to reduce: the original copies its references in only "
+                       f"{before:.0%} of generations ({nums}).", red, nn_red, ctrl, judge)
+    if red < MIN_REDUCTION:
+        return Verdict("not reduced", f"Memorization not reduced in {what}: {nums}{ctrl_txt}. Next: {next_step}.",
+                       red, nn_red, ctrl, judge)
+    if any(v >= CONTROL_SHARE * red for v in ctrl.values()):
+        return Verdict("not beyond controls", f"Copies fell in {what}, but not beyond what equal damage does: "
+                       f"{nums}{ctrl_txt}. Next: {next_step}.", red, nn_red, ctrl, judge)
+    if judge is False:
+        return Verdict("not reduced", f"Copies fell in {what} at the cost of neutral quality: {nums}{ctrl_txt}. "
+                       "Next: a brief neutral retrain (--retrain-steps) or a smaller --budget.", red, nn_red, ctrl,
+                       judge)
+    caveat = "" if ctrl else " (no controls were run, so the drop is not checked against equal damage)"
+    return Verdict("reduced", f"Memorization reduced in {what} by {red:.0%}: {nums}{ctrl_txt}{caveat}.",
+                   red, nn_red, ctrl, judge)
