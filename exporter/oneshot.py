@@ -139,6 +139,8 @@ class _Run:
     plan: Any = None
     slim: Any = None
     pruned: Any = None  # the slim UNet before the retrain (when there is one)
+    eval_data: Any = field(default=None, repr=False)  # built once by _eval_data (the toy's renders 4,800 images)
+    eval_data_built: bool = False
     parity: dict[str, Any] = field(default_factory=dict)
     trt_dir: Path | None = None
     evaluation: dict[str, Any] | None = None
@@ -356,17 +358,15 @@ def stage_retrain(run: _Run) -> tuple[str, dict | None]:
     gate above holds for the pruned weights; the retrained ones start a new parity chain (ONNX Runtime next)."""
     import copy
 
-    from uniforget.evaluate import sampling_defaults
-    from uniforget.models import resolve_model_path
+    from uniforget.evaluate import model_guidance
     from uniforget.prompts import load_prompts
     from uniforget.retrain import RetrainConfig, retrain_unet
     from uniforget.sampler import encode_prompts
     from uniforget.slim_io import save_slim_unet
 
     opts = run.opts
-    model_dir = Path(resolve_model_path(opts.model))
-    guidance = sampling_defaults(model_dir if model_dir.is_dir() else None).get("guidance_scale")
-    cfg = RetrainConfig(steps=opts.retrain_steps, **({"guidance_scale": float(guidance)} if guidance else {}))
+    guidance = model_guidance(opts.model)
+    cfg = RetrainConfig(steps=opts.retrain_steps, **({"guidance_scale": guidance} if guidance is not None else {}))
     prompts = load_prompts(None, model=str(opts.model))
     cond = encode_prompts(run.pipe, prompts)
     run.pruned = copy.deepcopy(run.slim).eval()
@@ -443,6 +443,13 @@ def stage_triton(run: _Run) -> tuple[str, dict | None]:
 
 
 def _eval_data(run: _Run) -> Any:
+    """The run's evaluation data, built on first use and kept (masks and validation both need it)."""
+    if not run.eval_data_built:
+        run.eval_data, run.eval_data_built = _build_eval_data(run), True
+    return run.eval_data
+
+
+def _build_eval_data(run: _Run) -> Any:
     from uniforget.evaluate import EvalData, judge_beside
     from uniforget.models import resolve_model_path
 

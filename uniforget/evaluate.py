@@ -271,6 +271,21 @@ def sampling_defaults(model_dir: str | Path | None) -> dict[str, Any]:
         raise UniforgetError(f"{f} is not valid JSON: {e}") from e
 
 
+def model_guidance(model: Any, explicit: float | None = None) -> float | None:
+    """The guidance scale to learn or retrain with: an explicit value, else the model folder's own sampling
+    default (uniforget_toy.json), else None (the caller's own default)."""
+    if explicit is not None:
+        return float(explicit)
+    from .models import resolve_model_path
+
+    path = resolve_model_path(model)
+    guidance = sampling_defaults(path if Path(path).is_dir() else None).get("guidance_scale")
+    if guidance is not None:
+        log.info("guidance scale %.3g from the model's sampling defaults", float(guidance))
+        return float(guidance)
+    return None
+
+
 def _subset(n: int, k: int | None) -> list[int]:
     if k is None or k >= n:
         return list(range(n))

@@ -513,18 +513,12 @@ def _history_writer(path: Path, append: bool, then: Callable[[StepStats], None] 
 
 def _with_model_guidance(req: LearnRequest) -> LearnConfig:
     """Learn with the guidance the model is sampled with: an explicit value, else the model folder's own."""
-    from .evaluate import sampling_defaults
-    from .models import resolve_model_path
+    from .evaluate import model_guidance
 
-    guidance = req.guidance_scale
-    if guidance is None:
-        path = resolve_model_path(req.model)
-        guidance = sampling_defaults(path if Path(path).is_dir() else None).get("guidance_scale")
-        if guidance is not None:
-            log.info("guidance scale %.3g from the model's sampling defaults", float(guidance))
+    guidance = model_guidance(req.model, req.guidance_scale)
     if guidance is None:
         return req.config
-    return replace(req.config, sampler=replace(req.config.sampler, guidance_scale=float(guidance)))
+    return replace(req.config, sampler=replace(req.config.sampler, guidance_scale=guidance))
 
 
 def _accelerator(device: str | None) -> Any:

@@ -35,9 +35,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -491,16 +488,10 @@ def _model_guidance(req: RetrainRequest) -> RetrainConfig:
     """Retrain along the trajectories the model is sampled with: an explicit value, else the model folder's own."""
     from dataclasses import replace
 
-    from .evaluate import sampling_defaults
-    from .models import resolve_model_path
+    from .evaluate import model_guidance
 
-    guidance = req.guidance_scale
-    if guidance is None:
-        path = resolve_model_path(req.model)
-        guidance = sampling_defaults(path if Path(path).is_dir() else None).get("guidance_scale")
-        if guidance is not None:
-            log.info("guidance scale %.3g from the model's sampling defaults", float(guidance))
-    return req.config if guidance is None else replace(req.config, guidance_scale=float(guidance))
+    guidance = model_guidance(req.model, req.guidance_scale)
+    return req.config if guidance is None else replace(req.config, guidance_scale=guidance)
 
 
 def heldout_indices(n_prompts: int, k: int) -> list[int]:
@@ -575,20 +566,8 @@ def _save_with_report(unet: nn.Module, plan: Any, out: Path, summary: dict[str, 
 
     if out.exists() and not overwrite:
         raise RetrainError(f"{out} already exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        staged = save_slim_unet(unet, plan, root / "unet")
-        (staged / REPORT_NAME).write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            staged.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staged.rename(out)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    save_slim_unet(unet, plan, out, overwrite=True,
+                   extra_files={REPORT_NAME: json.dumps(summary, indent=1, allow_nan=False) + "\n"})
     log.info("wrote retrained slim UNet to %s (+ %s)", out, REPORT_NAME)
 
 

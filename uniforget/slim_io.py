@@ -41,8 +41,9 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 def save_slim_unet(unet: nn.Module, plan: PruningPlan, out_dir: str | os.PathLike, *,
-                   overwrite: bool = False) -> Path:
-    """Write the slim-UNet directory atomically: a temporary sibling, renamed into place when complete."""
+                   overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    """Write the slim-UNet directory atomically: a temporary sibling, renamed into place when complete.
+    `extra_files` (name -> text) are written into the folder before the rename (e.g. a retrain's record)."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise PlanError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -53,6 +54,8 @@ def save_slim_unet(unet: nn.Module, plan: PruningPlan, out_dir: str | os.PathLik
         plan.save(tmp / PLAN_NAME)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in unet.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": FORMAT, "plan_sha256": plan.digest()})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
