@@ -1,5 +1,6 @@
 """Load the Stable Diffusion pipeline a user points at: a diffusers folder, a single-file checkpoint, or `toy`.
 
+Single files are recognized and loaded offline by `uniforget.single_file` (shipped configs, no hub).
 The embedded toy goes through exactly the same folder loader as a user's model. Every failure is a
 `ModelLoadError` with one line saying what was expected; pickle checkpoints are refused unless the
 caller passes `allow_pickle=True` (they can run arbitrary code when loaded).
@@ -41,15 +42,21 @@ def _check_unet(pipe: Any, source: str) -> Any:
 
 
 def load_pipeline(model: str | os.PathLike | None = "toy", *, allow_pickle: bool = False,
-                  config: str | os.PathLike | None = None, torch_dtype: Any = None) -> Any:
-    """Load a diffusers pipeline from `toy`, a pipeline folder, or a single-file checkpoint."""
+                  config: str | os.PathLike | None = None, torch_dtype: Any = None,
+                  prediction_type: str | None = None) -> Any:
+    """Load a diffusers pipeline from `toy`, a pipeline folder, or a single-file checkpoint.
+
+    A single file (SD1.x, SD2.x, SDXL base) loads offline with the configs the package ships
+    (`uniforget.single_file`); `config` (a diffusers folder) overrides them, `prediction_type` the scheduler's.
+    """
     path = resolve_model_path(model)
     if not isinstance(path, Path) or not path.exists():
         raise ModelLoadError(f"model not found: {model} (give a diffusers pipeline folder, a .safetensors "
                              "checkpoint, or 'toy')")
     if path.is_dir():
         return _load_folder(path, torch_dtype)
-    return _load_single_file(path, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype)
+    return _load_single_file(path, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype,
+                             prediction_type=prediction_type)
 
 
 def _load_folder(path: Path, torch_dtype: Any) -> Any:
@@ -75,7 +82,8 @@ def _load_folder(path: Path, torch_dtype: Any) -> Any:
     return _check_unet(pipe, str(path))
 
 
-def _load_single_file(path: Path, *, allow_pickle: bool, config: Any, torch_dtype: Any) -> Any:
+def _load_single_file(path: Path, *, allow_pickle: bool, config: Any, torch_dtype: Any,
+                      prediction_type: str | None) -> Any:
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise ModelLoadError(f"{path} is a pickle checkpoint ({suffix}), which can run arbitrary code when loaded; "
@@ -83,19 +91,10 @@ def _load_single_file(path: Path, *, allow_pickle: bool, config: Any, torch_dtyp
     if suffix not in (".safetensors", *PICKLE_SUFFIXES):
         raise ModelLoadError(f"{path}: unsupported model file type '{suffix}' (want a diffusers folder, "
                              ".safetensors, or with --allow-pickle .ckpt)")
-    from diffusers import StableDiffusionPipeline
+    from .single_file import load_single_file
 
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if config is not None:
-        kwargs["config"] = str(config)
-    if torch_dtype is not None:
-        kwargs["torch_dtype"] = torch_dtype
-    try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-    except Exception as e:
-        raise ModelLoadError(f"could not load checkpoint {path}: {type(e).__name__}: {_first_line(e)} "
-                             "(offline single-file loading needs --config pointing at a matching diffusers folder)") from e
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_single_file(path, config=config, prediction_type=prediction_type, torch_dtype=torch_dtype,
+                            allow_pickle=allow_pickle)
     return _check_unet(pipe, str(path))
 
 
