@@ -8,7 +8,9 @@ plus ONNX Runtime) followed by graphsurgeon's `cleanup().toposort()`; fp16 uses 
 float16 converter with fp32 inputs/outputs kept, so every consumer feeds the same arrays.
 
 UNet interface: inputs `sample` (B,C,H,W), `timestep` (1 or B,) float32, `encoder_hidden_states`
-(B,S,D) (+ `text_embeds`, `time_ids` for SDXL-like UNets), output `out_sample`; B, H, W and S dynamic.
+(B,S,D), plus whatever the config switches on: `timestep_cond` (B,P) for LCM-style UNets
+(time_cond_proj_dim), `class_labels` for a class embedding, `text_embeds`/`time_ids` for SDXL-like UNets;
+output `out_sample`; B, H, W and S dynamic. An export whose inputs leave a conditioning branch unfed fails.
 Every file is written to a temporary sibling and moved into place only after `onnx.checker`'s full check.
 """
 
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ExportError, MissingDependencyError
+from .onnx_pipeline import guidance_scale_embedding
 from .parity import ParityReport, Tolerance, check_parity
 from .publish import publish_dir
 from .runners import OnnxRuntimeRunner, TorchRunner
@@ -132,39 +135,108 @@ def load_unet(source: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- UNet
 
+# What each UNet config switch adds to the ONNX interface (the forward argument that feeds it), after
+# sample, timestep and encoder_hidden_states. Anything else a config can switch on is refused by name.
+TEXT_TIME_INPUTS = ("text_embeds", "time_ids")  # SDXL: added_cond_kwargs
+_NO_EXTRA_INPUT = {"addition_embed_type": (None, "text"), "encoder_hid_dim_type": (None, "text_proj")}
+
+
+def unet_conditioning(unet: Any) -> tuple[str, ...]:
+    """Extra UNet inputs its config requires: `timestep_cond` (LCM's guidance embedding, time_cond_proj_dim),
+    `class_labels` (class_embed_type / num_class_embeds), `text_embeds` + `time_ids` (SDXL's text_time)."""
+    cfg = unet.config
+    extra: list[str] = []
+    if cfg.get("time_cond_proj_dim") is not None:
+        extra.append("timestep_cond")
+    if getattr(unet, "class_embedding", None) is not None:
+        extra.append("class_labels")
+    add, hid = cfg.get("addition_embed_type"), cfg.get("encoder_hid_dim_type")
+    if add == "text_time":
+        extra += TEXT_TIME_INPUTS
+    elif add not in _NO_EXTRA_INPUT["addition_embed_type"]:
+        raise ExportError(f"UNet addition_embed_type={add!r} is not supported (supported: none, text, text_time)")
+    if hid not in _NO_EXTRA_INPUT["encoder_hid_dim_type"]:
+        raise ExportError(f"UNet encoder_hid_dim_type={hid!r} is not supported (supported: none, text_proj)")
+    return tuple(extra)
+
+
 def unet_spec(unet: Any) -> OnnxModelSpec:
-    """Names and dynamic axes from the UNet's config (SDXL's text_time conditioning adds two inputs)."""
-    names = ["sample", "timestep", "encoder_hidden_states"]
+    """Names and dynamic axes from the UNet's config: the three base inputs plus `unet_conditioning`'s."""
+    names = ["sample", "timestep", "encoder_hidden_states", *unet_conditioning(unet)]
     axes: dict[str, dict[int, str]] = {
         "sample": {0: "batch", 2: "height", 3: "width"},
         "timestep": {0: "timestep_batch"},  # 1 (broadcast, as pipelines pass it) or batch
         "encoder_hidden_states": {0: "batch", 1: "sequence"},
         "out_sample": {0: "batch", 2: "height", 3: "width"},
     }
-    if unet.config.addition_embed_type == "text_time":
-        names += ["text_embeds", "time_ids"]
-        axes["text_embeds"] = {0: "batch"}
-        axes["time_ids"] = {0: "batch"}
-    elif unet.config.addition_embed_type is not None:
-        raise ExportError(f"UNet addition_embed_type={unet.config.addition_embed_type!r} is not supported "
-                          "(supported: none, text_time)")
+    axes.update({n: {0: "batch"} for n in names[3:]})
     return OnnxModelSpec(tuple(names), ("out_sample",), axes)
 
 
-def unet_for_onnx(unet: Any) -> Any:
-    """nn.Module with positional named inputs and a single tensor output, as ONNX wants."""
+def unet_for_onnx(unet: Any, input_names: Sequence[str] | None = None) -> Any:
+    """nn.Module called positionally with `input_names` (default: `unet_spec`'s), returning one tensor."""
     import torch
+
+    names = tuple(input_names or unet_spec(unet).input_names)
 
     class UNetForOnnx(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.unet = unet
 
-        def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-            added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
-            return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)[0]
+        def forward(self, *args):
+            kw = dict(zip(names, args, strict=False))  # a caller may leave trailing optional inputs out
+            added = {k: kw.pop(k) for k in TEXT_TIME_INPUTS if k in kw}
+            sample, t, ctx = kw.pop("sample"), kw.pop("timestep"), kw.pop("encoder_hidden_states")
+            return self.unet(sample, t, ctx, added_cond_kwargs=added or None, return_dict=False, **kw)[0]
 
     return UNetForOnnx().eval()
+
+
+def check_unet_inputs(unet: Any, input_names: Sequence[str], feed: dict[str, np.ndarray] | None = None) -> None:
+    """Fail when the forward the export traces leaves out an input the UNet needs for its config.
+
+    Independent of `unet_conditioning`'s table: one call with exactly `input_names` must run every UNet
+    submodule that holds weights. A conditioning branch fed by a missing argument (LCM's
+    `time_embedding.cond_proj` without `timestep_cond`, a class embedding without `class_labels`) never
+    runs, and the ONNX graph would silently compute without it.
+    """
+    import torch
+
+    if feed is None:
+        m = spatial_multiple(unet)
+        feed = unet_inputs(unet, 1, m, m, seq_len=2)
+    ran: set[str] = set()
+    hooks = [mod.register_forward_hook(lambda mod, a, o, name=name: ran.add(name))
+             for name, mod in unet.named_modules()
+             if name and (any(True for _ in mod.parameters(recurse=False)) or name == "class_embedding")]
+    try:
+        with torch.inference_mode():
+            unet_for_onnx(unet, input_names)(*[torch.from_numpy(feed[n]) for n in input_names if n in feed])
+    except (ValueError, TypeError, KeyError) as e:  # diffusers refuses some missing conditioning itself
+        raise ExportError(f"ONNX inputs {list(input_names)} miss an argument this UNet's forward needs: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+    finally:
+        for h in hooks:
+            h.remove()
+    idle = sorted({n for n, mod in unet.named_modules() if n and (any(True for _ in mod.parameters(recurse=False))
+                                                                 or n == "class_embedding")} - ran)
+    if idle:
+        raise ExportError(f"ONNX inputs {list(input_names)} miss an argument this UNet's forward needs: "
+                          f"{', '.join(idle[:4])}{' ...' if len(idle) > 4 else ''} never run(s) without it "
+                          f"(config asks for {', '.join(unet_conditioning(unet)) or 'no extra inputs'})")
+
+
+def check_onnx_inputs(onnx_path: str | os.PathLike, spec: OnnxModelSpec) -> None:
+    """The exported graph must take every spec input: the exporter silently drops an input the trace never used."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    got = [i.name for i in model.graph.input]
+    missing = [n for n in spec.input_names if n not in got]
+    if missing:
+        raise ExportError(f"{Path(onnx_path).name} lacks inputs {missing} (graph inputs {got}): the traced forward "
+                          "ignored them, so the ONNX model would compute without them")
 
 
 def spatial_multiple(unet: Any) -> int:
@@ -185,16 +257,40 @@ def unet_inputs(unet: Any, batch: int, height: int, width: int, seq_len: int = 7
         "timestep": np.full((batch,), t, dtype=np.float32),
         "encoder_hidden_states": rng.standard_normal((batch, seq_len, ctx), dtype=np.float32),
     }
-    if cfg.addition_embed_type == "text_time":
+    extra = unet_conditioning(unet)
+    if "timestep_cond" in extra:
+        # a guidance-scale embedding, as LCM pipelines feed it (w in [1, 9])
+        w = rng.uniform(1.0, 9.0, batch).astype(np.float32)
+        feed["timestep_cond"] = guidance_scale_embedding(w - 1.0, int(cfg.time_cond_proj_dim))
+    if "class_labels" in extra:
+        feed["class_labels"] = _class_labels(unet, batch, rng)
+    if "text_embeds" in extra:
         text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         feed["text_embeds"] = rng.standard_normal((batch, text_dim), dtype=np.float32)
         feed["time_ids"] = (rng.random((batch, 6)) * 64).astype(np.float32)
     return feed
 
 
+def _class_labels(unet: Any, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """class_labels as the UNet's class embedding reads them: ids, a timestep, or a vector."""
+    cfg = unet.config
+    kind = cfg.get("class_embed_type")
+    if kind is None:  # nn.Embedding over num_class_embeds ids (e.g. the x4 upscaler's noise level)
+        return rng.integers(0, int(cfg.num_class_embeds), batch).astype(np.int64)
+    if kind == "timestep":
+        return rng.integers(0, 1000, batch).astype(np.float32)
+    width = (int(cfg.projection_class_embeddings_input_dim) if kind in ("projection", "simple_projection")
+             else int(cfg.get("time_embedding_dim") or cfg.block_out_channels[0] * 4))
+    return rng.standard_normal((batch, width), dtype=np.float32)
+
+
 def export_unet(source: Any, out_path: str | os.PathLike, options: OnnxExportOptions = OnnxExportOptions(),
                 height: int | None = None, width: int | None = None) -> OnnxExportResult:
-    """Export a UNet (module, slim folder or diffusers folder) to `out_path` (e.g. engines/x/onnx/unet.onnx)."""
+    """Export a UNet (module, slim folder or diffusers folder) to `out_path` (e.g. engines/x/onnx/unet.onnx).
+
+    Before tracing, `check_unet_inputs` proves the inputs feed every conditioning branch; after, the graph
+    must still take each of them (`check_onnx_inputs`).
+    """
     import torch
 
     unet = load_unet(source)
@@ -203,8 +299,11 @@ def export_unet(source: Any, out_path: str | os.PathLike, options: OnnxExportOpt
     h = height or max(unet.config.sample_size or 8, m)
     w = width or h
     feed = unet_inputs(unet, options.dummy_batch, h, w, seq_len=options.dummy_seq_len)
+    check_unet_inputs(unet, spec.input_names)
     args = tuple(torch.from_numpy(feed[n]) for n in spec.input_names)
-    return _export_module(unet_for_onnx(unet), args, spec, Path(out_path), options)
+    res = _export_module(unet_for_onnx(unet, spec.input_names), args, spec, Path(out_path), options)
+    check_onnx_inputs(res.path, spec)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------- generic

@@ -3,8 +3,11 @@
 Why no torch or diffusers here: the same class runs inside a Triton Python-backend environment that
 has numpy<2, onnxruntime and transformers' CLIPTokenizer only. So the schedulers' `set_timesteps` /
 `step` are re-implemented in NumPy from `scheduler/scheduler_config.json`, following diffusers'
-DDIMScheduler and EulerDiscreteScheduler for the options Stable Diffusion checkpoints use; anything
-else is refused with a clear error rather than silently sampled differently.
+DDIMScheduler, EulerDiscreteScheduler and LCMScheduler for the options Stable Diffusion checkpoints use;
+anything else is refused with a clear error rather than silently sampled differently.
+
+LCM-style UNets (an ONNX `timestep_cond` input) get guidance as diffusers' LatentConsistencyModelPipeline
+gives it: no classifier-free batch, a sinusoidal embedding of `guidance_scale - 1` fed as `timestep_cond`.
 
 Folder layout (written by `exporter.onnx_export.export_pipeline`):
     model_index.json  scheduler/scheduler_config.json  tokenizer/
@@ -177,10 +180,90 @@ class NumpyEuler:
         return (sample + (sample - x0) / s * (s_next - s)).astype(sample.dtype)
 
 
-SCHEDULERS = {"DDIMScheduler": NumpyDDIM, "EulerDiscreteScheduler": NumpyEuler}
+class NumpyLCM:
+    """diffusers' LCMScheduler: a consistency step to the denoised sample, re-noised to the next timestep.
+
+    The noise between steps comes from the pipeline's NumPy generator (diffusers draws it from torch's), so
+    runs agree with diffusers exactly for one step and for several when fed the same noise.
+    """
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        if cfg.get("thresholding"):
+            raise ExportError("LCM with thresholding=True is not supported by the NumPy pipeline")
+        self.cfg = cfg
+        self.n_train = int(cfg.get("num_train_timesteps", 1000))
+        self.alphas_cumprod = np.cumprod(1.0 - _betas(cfg), dtype=np.float32)
+        self.final_alpha = np.float32(1.0) if cfg.get("set_alpha_to_one", True) else self.alphas_cumprod[0]
+        self.original_steps = int(cfg.get("original_inference_steps", 50))
+        self.timestep_scaling = float(cfg.get("timestep_scaling", 10.0))
+        self.prediction = cfg.get("prediction_type", "epsilon")
+        self.init_noise_sigma = 1.0
+        self.timesteps = np.zeros(0, dtype=np.int64)
+        self.steps = 0
+
+    def set_timesteps(self, steps: int) -> None:
+        if not 1 <= steps <= min(self.original_steps, self.n_train):
+            raise ExportError(f"LCM num_inference_steps must be in 1..{self.original_steps} "
+                              f"(original_inference_steps), got {steps}")
+        k = self.n_train // self.original_steps
+        origin = (np.arange(1, self.original_steps + 1) * k - 1)[::-1]  # the distillation schedule, descending
+        idx = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
+        self.timesteps = origin[idx].astype(np.int64)
+        self.steps = steps
+
+    def scale_model_input(self, sample: np.ndarray, t: Any) -> np.ndarray:
+        return sample
+
+    def step(self, out: np.ndarray, t: Any, sample: np.ndarray, eta: float = 0.0,
+             rng: np.random.Generator | None = None) -> np.ndarray:
+        t = int(t)
+        i = int(np.nonzero(self.timesteps == t)[0][0])
+        prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        scaled = t * self.timestep_scaling  # boundary-condition scalings, sigma_data = 0.5
+        c_skip = 0.25 / (scaled**2 + 0.25)
+        c_out = scaled / (scaled**2 + 0.25) ** 0.5
+        if self.prediction == "epsilon":
+            x0 = (sample - b_t**0.5 * out) / a_t**0.5
+        elif self.prediction == "sample":
+            x0 = out
+        elif self.prediction == "v_prediction":
+            x0 = a_t**0.5 * sample - b_t**0.5 * out
+        else:
+            raise ExportError(f"LCM prediction_type {self.prediction!r} is not supported")
+        if self.cfg.get("clip_sample", False):
+            r = float(self.cfg.get("clip_sample_range", 1.0))
+            x0 = np.clip(x0, -r, r)
+        denoised = (c_out * x0 + c_skip * sample).astype(sample.dtype)
+        if i == self.steps - 1:
+            return denoised
+        rng = rng or np.random.default_rng()
+        noise = rng.standard_normal(sample.shape, dtype=np.float32)
+        return (a_prev**0.5 * denoised + b_prev**0.5 * noise).astype(sample.dtype)
 
 
-def load_scheduler(folder: str | os.PathLike) -> NumpyDDIM | NumpyEuler:
+def guidance_scale_embedding(w: np.ndarray, dim: int) -> np.ndarray:
+    """(B, dim) float32 sinusoidal embedding of w * 1000: the `timestep_cond` diffusers' LCM pipeline builds.
+
+    That pipeline passes w = guidance_scale - 1 (Imagen's CFG convention). float32 like torch; the two
+    libraries' sin/exp differ by an ulp, which at w * 1000 ~ 1e4 is ~5e-4 in an entry.
+    """
+    w = np.asarray(w, dtype=np.float32).reshape(-1) * np.float32(1000.0)
+    half = dim // 2
+    freq = np.exp(np.arange(half, dtype=np.float32) * -(np.log(np.float32(10000.0)) / np.float32(half - 1)))
+    emb = w[:, None] * freq[None, :].astype(np.float32)
+    emb = np.concatenate([np.sin(emb), np.cos(emb)], axis=1)
+    if dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return emb.astype(np.float32)
+
+
+SCHEDULERS = {"DDIMScheduler": NumpyDDIM, "EulerDiscreteScheduler": NumpyEuler, "LCMScheduler": NumpyLCM}
+
+
+def load_scheduler(folder: str | os.PathLike) -> NumpyDDIM | NumpyEuler | NumpyLCM:
     """NumPy scheduler from a diffusers scheduler folder (scheduler_config.json)."""
     f = Path(folder) / "scheduler_config.json"
     if not f.is_file():
@@ -227,9 +310,15 @@ class OnnxStableDiffusionPipeline:
         for r in self.runners.values():
             r.activate()
         unet_inputs = set(self.runners["unet"].input_types)
-        if unet_inputs != {"sample", "timestep", "encoder_hidden_states"}:
+        base = {"sample", "timestep", "encoder_hidden_states"}
+        if unet_inputs not in (base, base | {"timestep_cond"}):
             raise ExportError(f"unet/model.onnx has inputs {sorted(unet_inputs)}: only SD1.x/2.x-style text-to-image "
-                              "UNets are supported by the ONNX pipeline")
+                              "UNets (optionally LCM-style, with timestep_cond) are supported by the ONNX pipeline")
+        # LCM-style: guidance enters as an embedding of the scale, not as a classifier-free batch
+        self.guidance_embedding_dim = (int(self.unet_config.get("time_cond_proj_dim") or 0)
+                                       if "timestep_cond" in unet_inputs else 0)
+        if "timestep_cond" in unet_inputs and not self.guidance_embedding_dim:
+            raise ExportError("unet/model.onnx takes timestep_cond but unet/config.json has no time_cond_proj_dim")
 
     def close(self) -> None:
         for r in self.runners.values():
@@ -247,8 +336,12 @@ class OnnxStableDiffusionPipeline:
         """Generate; `latents` (B, C, h, w) overrides the seeded NumPy noise (for exact comparisons)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
-        cfg_on = guidance_scale > 1.0 and self.unet_config.get("time_cond_proj_dim") is None
+        cfg_on = guidance_scale > 1.0 and not self.guidance_embedding_dim
         emb = self.encode_prompt(prompts)
+        extra: dict[str, np.ndarray] = {}
+        if self.guidance_embedding_dim:
+            extra["timestep_cond"] = guidance_scale_embedding(np.full(b, guidance_scale - 1.0, dtype=np.float32),
+                                                              self.guidance_embedding_dim)
         if cfg_on:
             neg = [""] * b if negative_prompt is None else (
                 [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt))
@@ -271,7 +364,7 @@ class OnnxStableDiffusionPipeline:
             xin = np.concatenate([x, x]) if cfg_on else x
             xin = sched.scale_model_input(xin, t)
             eps = self.runners["unet"].infer({"sample": xin, "timestep": np.array([t], dtype=np.float32),
-                                              "encoder_hidden_states": emb})["out_sample"]
+                                              "encoder_hidden_states": emb, **extra})["out_sample"]
             if cfg_on:
                 eps_u, eps_c = np.split(eps, 2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)

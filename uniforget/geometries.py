@@ -62,6 +62,14 @@ TINY: dict[str, dict[str, Any]] = {
     ),
 }
 
+# UNets whose config switches on an extra forward input (kept out of TINY so the pruning suite stays small):
+# LCM's guidance embedding (`timestep_cond`), a class-id embedding and a projected class vector (`class_labels`)
+CONDITIONED: dict[str, dict[str, Any]] = {
+    "lcm": dict(TINY["sd1"], time_cond_proj_dim=16),
+    "class_ids": dict(TINY["sd1"], num_class_embeds=10),
+    "class_projection": dict(TINY["sd1"], class_embed_type="projection", projection_class_embeddings_input_dim=12),
+}
+
 # SDXL-like geometry: pooled text embedding width that `projection_class_embeddings_input_dim` implies
 SDXL_TEXT_EMBED_DIM = 32
 
@@ -106,11 +114,14 @@ def tiny_pipeline(geometry: str = "sd1", *, seed: int = 0, image_size: int = 16,
     """A whole random-weight Stable Diffusion pipeline, no download: byte-level CLIP tokenizer, tiny CLIP text
     encoder(s), `TINY[geometry]` UNet (or the given `unet`), a VAE whose depth maps the UNet's latents to
     `image_size` pixels, and SD's noise schedule with DDIM or Euler. `geometry="sdxl"` builds an SDXL pipeline
-    (two text encoders, pooled embeddings). Weights are drawn from `seed` (text encoders, VAE, then UNet)."""
+    (two text encoders, pooled embeddings); `geometry="lcm"` a LatentConsistencyModelPipeline with the
+    `CONDITIONED["lcm"]` UNet and LCMScheduler. Weights are drawn from `seed` (text encoders, VAE, then UNet)."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
         EulerDiscreteScheduler,
+        LatentConsistencyModelPipeline,
+        LCMScheduler,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
@@ -118,7 +129,7 @@ def tiny_pipeline(geometry: str = "sd1", *, seed: int = 0, image_size: int = 16,
 
     if scheduler not in ("ddim", "euler"):
         raise ValueError(f"scheduler must be 'ddim' or 'euler', got {scheduler!r}")
-    config = unet.config if unet is not None else TINY[geometry]
+    config = unet.config if unet is not None else {**TINY, **CONDITIONED}[geometry]
     sample_size, cross_dim = config["sample_size"], config["cross_attention_dim"]
     levels = (image_size // sample_size).bit_length()  # VAE downsamples 2x between levels
     if image_size != sample_size * 2 ** (levels - 1):
@@ -147,7 +158,12 @@ def tiny_pipeline(geometry: str = "sd1", *, seed: int = 0, image_size: int = 16,
         unet = build_unet(config, seed)
     sched = (DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False) if scheduler == "ddim"
              else EulerDiscreteScheduler(**SD_SCHEDULE))
-    if geometry == "sdxl":
+    if geometry == "lcm":  # LCM-Dreamshaper's scheduler options on SD's schedule
+        sched = LCMScheduler(**SD_SCHEDULE, original_inference_steps=50, set_alpha_to_one=True, clip_sample=False)
+        pipe = LatentConsistencyModelPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                              scheduler=sched, safety_checker=None, feature_extractor=None,
+                                              requires_safety_checker=False)
+    elif geometry == "sdxl":
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                          tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=sched)
     else:
@@ -160,7 +176,8 @@ def tiny_pipeline(geometry: str = "sd1", *, seed: int = 0, image_size: int = 16,
 
 def example_inputs(unet, batch: int = 2, height: int | None = None, width: int | None = None,
                    seq_len: int = 7, seed: int = 0) -> dict[str, Any]:
-    """Random UNet inputs matching the UNet's config (adds SDXL's added_cond_kwargs when needed)."""
+    """Random UNet inputs matching the UNet's config (adds timestep_cond, class_labels and SDXL's
+    added_cond_kwargs when the config asks for them)."""
     cfg = unet.config
     h = height or cfg.sample_size
     w = width or cfg.sample_size
@@ -172,6 +189,12 @@ def example_inputs(unet, batch: int = 2, height: int | None = None, width: int |
         "timestep": torch.tensor(500.0).expand(batch).contiguous(),
         "encoder_hidden_states": torch.randn(batch, seq_len, ctx_dim, generator=g),
     }
+    if cfg.get("time_cond_proj_dim") is not None:
+        inputs["timestep_cond"] = torch.randn(batch, cfg.time_cond_proj_dim, generator=g)
+    if cfg.get("num_class_embeds") is not None and cfg.get("class_embed_type") is None:
+        inputs["class_labels"] = torch.randint(0, cfg.num_class_embeds, (batch,), generator=g)
+    elif cfg.get("class_embed_type") in ("projection", "simple_projection"):
+        inputs["class_labels"] = torch.randn(batch, cfg.projection_class_embeddings_input_dim, generator=g)
     if cfg.addition_embed_type == "text_time":
         text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         inputs["added_cond_kwargs"] = {
