@@ -476,7 +476,9 @@ class PipelineExportResult:
                 "parity": {k: v.to_dict() for k, v in self.parity.items()}}
 
 
-def _text_encoder_wrapper(text_encoder: Any) -> Any:
+def _text_encoder_wrapper(text_encoder: Any, penultimate: bool = False) -> Any:
+    """(last_hidden_state, pooled) — the pooled output is `text_embeds` for a model with projection — plus,
+    with `penultimate`, the second-to-last layer's hidden states (what SDXL's UNet attends to)."""
     import torch
 
     class TextEncoderForOnnx(torch.nn.Module):
@@ -485,10 +487,24 @@ def _text_encoder_wrapper(text_encoder: Any) -> Any:
             self.te = text_encoder
 
         def forward(self, input_ids):
-            out = self.te(input_ids=input_ids, return_dict=True)
-            return out.last_hidden_state, out.pooler_output
+            out = self.te(input_ids=input_ids, output_hidden_states=penultimate, return_dict=True)
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+            if penultimate:
+                return out.last_hidden_state, pooled, out.hidden_states[-2]
+            return out.last_hidden_state, pooled
 
     return TextEncoderForOnnx().eval()
+
+
+def _text_encoder_spec(text_encoder: Any, penultimate: bool) -> OnnxModelSpec:
+    """optimum's output names: `pooler_output` for CLIPTextModel, `text_embeds` with a projection."""
+    pooled = "text_embeds" if hasattr(text_encoder, "text_projection") else "pooler_output"
+    names = ("last_hidden_state", pooled) + (("penultimate_hidden_state",) if penultimate else ())
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "last_hidden_state": {0: "batch", 1: "sequence"},
+            pooled: {0: "batch"}}
+    if penultimate:
+        axes["penultimate_hidden_state"] = {0: "batch", 1: "sequence"}
+    return OnnxModelSpec(("input_ids",), names, axes)
 
 
 def _vae_decoder_wrapper(vae: Any) -> Any:
@@ -531,7 +547,9 @@ def export_pipeline(pipeline: Any, out_dir: str | os.PathLike, unet: Any = None,
                     validate: bool = True) -> PipelineExportResult:
     """Text encoder, UNet (the slim one when `unet` is given) and VAE decoder -> `out_dir` in optimum's layout.
 
-    `pipeline` is a diffusers StableDiffusionPipeline or anything `uniforget.models.load_pipeline` takes.
+    `pipeline` is a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline, or anything
+    `uniforget.models.load_pipeline` takes. SDXL adds text_encoder_2/ and tokenizer_2/; both text encoders
+    also output their penultimate hidden states, and the VAE decoder stays fp32 (SDXL's VAE overflows in fp16).
     Each component is parity-checked against torch (fp32) before the folder is moved into place.
     """
     import torch
@@ -544,9 +562,13 @@ def export_pipeline(pipeline: Any, out_dir: str | os.PathLike, unet: Any = None,
         if getattr(pipeline, part, None) is None:
             raise ExportError(f"pipeline has no {part}: only Stable Diffusion 1.x/2.x-style pipelines are exported")
     unet_mod = load_unet(unet) if unet is not None else pipeline.unet
-    if unet_mod.config.addition_embed_type is not None:
-        raise ExportError("whole-pipeline export supports SD1.x/2.x-style UNets (no added conditioning); "
-                          "export the SDXL UNet alone with export_unet")
+    sdxl = getattr(pipeline, "text_encoder_2", None) is not None
+    if sdxl and (unet_mod.config.addition_embed_type != "text_time" or getattr(pipeline, "tokenizer_2", None) is None):
+        raise ExportError("an SDXL pipeline needs tokenizer_2 and a UNet with text_time added conditioning")
+    if not sdxl and unet_mod.config.addition_embed_type is not None:
+        raise ExportError(f"UNet addition_embed_type={unet_mod.config.addition_embed_type!r} in a pipeline without "
+                          "text_encoder_2: whole-pipeline export supports SD1.x/2.x and SDXL pipelines")
+    encoders = [("text_encoder", "tokenizer")] + ([("text_encoder_2", "tokenizer_2")] if sdxl else [])
     out = Path(out_dir).resolve()
     _check_writable(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -554,19 +576,16 @@ def export_pipeline(pipeline: Any, out_dir: str | os.PathLike, unet: Any = None,
     comps: dict[str, OnnxExportResult] = {}
     parity: dict[str, ParityReport] = {}
     try:
-        te = pipeline.text_encoder.eval()
-        tok = pipeline.tokenizer
-        ids = torch.from_numpy(tok(["a photo", "an image of a thing"], padding="max_length",
-                                   max_length=tok.model_max_length, truncation=True, return_tensors="np").input_ids)
-        te_spec = OnnxModelSpec(("input_ids",), ("last_hidden_state", "pooler_output"),
-                                {"input_ids": {0: "batch", 1: "sequence"}, "last_hidden_state": {0: "batch", 1: "sequence"},
-                                 "pooler_output": {0: "batch"}})
         te_opts = OnnxExportOptions(opset=options.opset, fp16=False, external_data=None,
                                     fold_constants=options.fold_constants, symbolic_shapes=options.symbolic_shapes)
-        (tmp / "text_encoder").mkdir()
-        comps["text_encoder"] = _export_module(_text_encoder_wrapper(te), (ids.long(),), te_spec,
-                                               tmp / "text_encoder" / "model.onnx", te_opts)
-        _save_config(te, tmp / "text_encoder")
+        for te_name, tok_name in encoders:
+            te, tok = getattr(pipeline, te_name).eval(), getattr(pipeline, tok_name)
+            ids = torch.from_numpy(tok(["a photo", "an image of a thing"], padding="max_length",
+                                       max_length=tok.model_max_length, truncation=True, return_tensors="np").input_ids)
+            (tmp / te_name).mkdir()
+            comps[te_name] = _export_module(_text_encoder_wrapper(te, sdxl), (ids.long(),),
+                                            _text_encoder_spec(te, sdxl), tmp / te_name / "model.onnx", te_opts)
+            _save_config(te, tmp / te_name)
 
         (tmp / "unet").mkdir()
         comps["unet"] = export_unet(unet_mod, tmp / "unet" / "model.onnx", options)
@@ -584,12 +603,13 @@ def export_pipeline(pipeline: Any, out_dir: str | os.PathLike, unet: Any = None,
                                               tmp / "vae_decoder" / "model.onnx", te_opts)
         _save_config(vae, tmp / "vae_decoder")
 
-        _save_tokenizer(pipeline.tokenizer, tmp / "tokenizer")
+        for _, tok_name in encoders:
+            _save_tokenizer(getattr(pipeline, tok_name), tmp / tok_name)
         pipeline.scheduler.save_pretrained(str(tmp / "scheduler"))
         import diffusers
 
         index = {
-            "_class_name": "StableDiffusionPipeline",
+            "_class_name": "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline",
             "_diffusers_version": diffusers.__version__,
             "text_encoder": ["optimum", "ORTModelTextEncoder"],
             "unet": ["optimum", "ORTModelUnet"],
@@ -600,15 +620,25 @@ def export_pipeline(pipeline: Any, out_dir: str | os.PathLike, unet: Any = None,
             "feature_extractor": [None, None],
             "requires_safety_checker": False,
         }
+        if sdxl:
+            for k in ("safety_checker", "feature_extractor", "requires_safety_checker"):
+                del index[k]
+            index.update(text_encoder_2=["optimum", "ORTModelTextEncoder"],
+                         tokenizer_2=["transformers", type(pipeline.tokenizer_2).__name__],
+                         force_zeros_for_empty_prompt=bool(pipeline.config.get("force_zeros_for_empty_prompt", True)))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
 
         if validate:
             rng = np.random.default_rng(7)
-            te_feeds = [(f"batch={b}", {"input_ids": rng.integers(0, tok.vocab_size, (b, tok.model_max_length))})
-                        for b in (1, 3)]
-            parity["text_encoder"] = check_parity(
-                TorchRunner(_text_encoder_wrapper(te), te_spec.input_names, te_spec.output_names, name="torch"),
-                OnnxRuntimeRunner(tmp / "text_encoder" / "model.onnx", name="onnxruntime"), te_feeds, tol)
+            for te_name, tok_name in encoders:
+                te, tok = getattr(pipeline, te_name), getattr(pipeline, tok_name)
+                te_spec = _text_encoder_spec(te, sdxl)
+                te_feeds = [(f"batch={b}", {"input_ids": rng.integers(0, tok.vocab_size, (b, tok.model_max_length))})
+                            for b in (1, 3)]
+                parity[te_name] = check_parity(
+                    TorchRunner(_text_encoder_wrapper(te, sdxl), te_spec.input_names, te_spec.output_names,
+                                name="torch"),
+                    OnnxRuntimeRunner(tmp / te_name / "model.onnx", name="onnxruntime"), te_feeds, tol)
             unet_tol = user_tol or (FP16_TOLERANCE if options.fp16 else Tolerance())
             parity["unet"] = validate_unet(unet_mod, tmp / "unet" / "model.onnx", unet_tol, raise_on_failure=False)
             vae_feeds = [(f"batch={b} {h}x{h}", {"latent_sample": rng.standard_normal((b, lat_ch, h, h), dtype=np.float32)})

@@ -287,7 +287,12 @@ class PipelineOutput:
 
 
 class OnnxStableDiffusionPipeline:
-    """Text-to-image Stable Diffusion on ONNX Runtime; mirrors diffusers' StableDiffusionPipeline call."""
+    """Text-to-image Stable Diffusion on ONNX Runtime; mirrors diffusers' StableDiffusionPipeline call.
+
+    A folder with text_encoder_2/ is SDXL, sampled like StableDiffusionXLPipeline: both encoders' penultimate
+    hidden states side by side, the second's text_embeds and the size/crop `time_ids` as added conditioning,
+    and zero negative embeddings when no negative prompt is given (`force_zeros_for_empty_prompt`).
+    """
 
     def __init__(self, folder: str | os.PathLike, providers: Sequence[str] = ("CPUExecutionProvider",),
                  threads: int | None = None) -> None:
@@ -300,19 +305,25 @@ class OnnxStableDiffusionPipeline:
         except ImportError as e:
             raise ExportError("the ONNX pipeline needs transformers' CLIPTokenizer: pip install transformers") from e
         self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
+        self.sdxl = (self.folder / "text_encoder_2" / "model.onnx").is_file()
+        self.tokenizer_2 = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer_2")) if self.sdxl else None
+        index = self.folder / "model_index.json"
+        meta = json.loads(index.read_text()) if index.is_file() else {}
+        self.force_zeros_for_empty_prompt = bool(meta.get("force_zeros_for_empty_prompt", True))
         self.scheduler = load_scheduler(self.folder / "scheduler")
         self.vae_config = json.loads((self.folder / "vae_decoder" / "config.json").read_text())
         self.unet_config = json.loads((self.folder / "unet" / "config.json").read_text())
         self.scaling_factor = float(self.vae_config.get("scaling_factor", 0.18215))
         self.vae_scale = 2 ** (len(self.vae_config.get("block_out_channels", [0] * 4)) - 1)
+        parts = ("text_encoder", "unet", "vae_decoder") + (("text_encoder_2",) if self.sdxl else ())
         self.runners = {p: OnnxRuntimeRunner(self.folder / p / "model.onnx", providers, threads, name=p)
-                        for p in ("text_encoder", "unet", "vae_decoder")}
+                        for p in parts}
         for r in self.runners.values():
             r.activate()
         unet_inputs = set(self.runners["unet"].input_types)
-        base = {"sample", "timestep", "encoder_hidden_states"}
+        base = {"sample", "timestep", "encoder_hidden_states"} | ({"text_embeds", "time_ids"} if self.sdxl else set())
         if unet_inputs not in (base, base | {"timestep_cond"}):
-            raise ExportError(f"unet/model.onnx has inputs {sorted(unet_inputs)}: only SD1.x/2.x-style text-to-image "
+            raise ExportError(f"unet/model.onnx has inputs {sorted(unet_inputs)}: only SD1.x/2.x/SDXL-style text-to-image "
                               "UNets (optionally LCM-style, with timestep_cond) are supported by the ONNX pipeline")
         # LCM-style: guidance enters as an embedding of the scale, not as a classifier-free batch
         self.guidance_embedding_dim = (int(self.unet_config.get("time_cond_proj_dim") or 0)
@@ -330,6 +341,19 @@ class OnnxStableDiffusionPipeline:
                              truncation=True, return_tensors="np").input_ids
         return self.runners["text_encoder"].infer({"input_ids": ids.astype(np.int64)})["last_hidden_state"]
 
+    def encode_prompt_sdxl(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """SDXL: (B, 77, D1 + D2) penultimate hidden states of both encoders, and (B, P) pooled text_embeds."""
+        states, pooled = [], None
+        for name, tok in (("text_encoder", self.tokenizer), ("text_encoder_2", self.tokenizer_2)):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="np").input_ids
+            out = self.runners[name].infer({"input_ids": ids.astype(np.int64)})
+            states.append(out["penultimate_hidden_state"])
+            pooled = out.get("text_embeds", pooled)
+        if pooled is None:
+            raise ExportError("text_encoder_2/model.onnx has no text_embeds output (SDXL's pooled projection)")
+        return np.concatenate(states, axis=-1), pooled
+
     def __call__(self, prompt: str | list[str], num_inference_steps: int = 50, guidance_scale: float = 7.5,
                  negative_prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
                  seed: int | None = None, latents: np.ndarray | None = None, eta: float = 0.0) -> PipelineOutput:
@@ -337,20 +361,32 @@ class OnnxStableDiffusionPipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
         cfg_on = guidance_scale > 1.0 and not self.guidance_embedding_dim
-        emb = self.encode_prompt(prompts)
         extra: dict[str, np.ndarray] = {}
         if self.guidance_embedding_dim:
             extra["timestep_cond"] = guidance_scale_embedding(np.full(b, guidance_scale - 1.0, dtype=np.float32),
                                                               self.guidance_embedding_dim)
-        if cfg_on:
-            neg = [""] * b if negative_prompt is None else (
-                [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt))
-            if len(neg) != b:
-                raise ExportError(f"{len(neg)} negative prompts for {b} prompts")
-            emb = np.concatenate([self.encode_prompt(neg), emb])
+        neg = [""] * b if negative_prompt is None else (
+            [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt))
+        if cfg_on and len(neg) != b:
+            raise ExportError(f"{len(neg)} negative prompts for {b} prompts")
         sample_size = int(self.unet_config.get("sample_size", 64))
-        h = (height or sample_size * self.vae_scale) // self.vae_scale
-        w = (width or sample_size * self.vae_scale) // self.vae_scale
+        height_px, width_px = height or sample_size * self.vae_scale, width or sample_size * self.vae_scale
+        h, w = height_px // self.vae_scale, width_px // self.vae_scale
+        if self.sdxl:
+            emb, pooled = self.encode_prompt_sdxl(prompts)
+            if cfg_on:
+                if negative_prompt is None and self.force_zeros_for_empty_prompt:
+                    neg_emb, neg_pooled = np.zeros_like(emb), np.zeros_like(pooled)
+                else:
+                    neg_emb, neg_pooled = self.encode_prompt_sdxl(neg)
+                emb, pooled = np.concatenate([neg_emb, emb]), np.concatenate([neg_pooled, pooled])
+            # (original size, crop top-left, target size) in pixels, as diffusers' default _get_add_time_ids
+            time_ids = np.array([[height_px, width_px, 0, 0, height_px, width_px]], dtype=np.float32)
+            extra.update(text_embeds=pooled.astype(np.float32), time_ids=np.repeat(time_ids, len(emb), axis=0))
+        else:
+            emb = self.encode_prompt(prompts)
+            if cfg_on:
+                emb = np.concatenate([self.encode_prompt(neg), emb])
         shape = (b, int(self.unet_config.get("in_channels", 4)), h, w)
         rng = np.random.default_rng(seed)
         if latents is None:
