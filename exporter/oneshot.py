@@ -398,9 +398,9 @@ def stage_pipeline(run: _Run) -> tuple[str, dict | None]:
     from .onnx_export import export_pipeline
     from .parity import Tolerance
 
-    if run.slim.config.addition_embed_type is not None:
-        run.notes.append("ONNX pipeline folder skipped: whole-pipeline export supports SD1.x/2.x-style UNets")
-        return "skipped (SDXL-style UNet: the UNet ONNX is exported alone)", None
+    if run.slim.config.addition_embed_type is not None and getattr(run.pipe, "text_encoder_2", None) is None:
+        run.notes.append("ONNX pipeline folder skipped: a UNet with added conditioning outside an SDXL pipeline")
+        return "skipped (added-conditioning UNet without SDXL's second text encoder: the UNet ONNX is alone)", None
     t = run.opts.tolerances
     res = export_pipeline(run.pipe, run.tmp / "onnx" / "pipeline", unet=run.slim,
                           tol=Tolerance(atol=t.onnx_atol, rtol=t.onnx_rtol))

@@ -267,18 +267,19 @@ def _check_config_fits(info: CheckpointInfo, config_dir: Path) -> None:
 
 def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | None = None,
                      prediction_type: str | None = None, torch_dtype: Any = None, allow_pickle: bool = False,
-                     configs_root: str | os.PathLike = CONFIGS) -> Any:
+                     configs_root: str | os.PathLike | None = None) -> Any:
     """A diffusers pipeline from one checkpoint file, offline.
 
     `config` (a diffusers pipeline folder) overrides the shipped configs; `prediction_type` overrides the
     scheduler's (and for SD2.x picks 768-v or 512-base). Weights load as `torch_dtype` (float32 by default, so an
-    fp16 file gives the same modules as a float32 one). `configs_root` holds one folder per shipped config name.
+    fp16 file gives the same modules as a float32 one). `configs_root` (default: the shipped `CONFIGS`) holds one
+    folder per config name.
     """
     import torch
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     info = inspect_checkpoint(path, prediction_type=prediction_type, allow_pickle=allow_pickle)
-    config_dir = Path(config) if config is not None else Path(configs_root) / info.config
+    config_dir = Path(config) if config is not None else Path(configs_root or CONFIGS) / info.config
     if not (config_dir / "model_index.json").is_file():
         raise ModelLoadError(f"config {config_dir} is not a diffusers pipeline folder (no model_index.json)")
     _check_config_fits(info, config_dir)

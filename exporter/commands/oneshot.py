@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Checkpoint -> masks -> plan -> slim UNet -> ONNX (+ pipeline) -> TensorRT (--trt) -> Triton "
                     "repository -> validation -> report, into engines/NAME (written to a temporary sibling and "
                     "renamed into place only when every stage passed its parity gate).")
-    p.add_argument("--model", default="toy", help="'toy' (default, the embedded testbed) or a diffusers pipeline folder")
+    p.add_argument("--model", default="toy", help="'toy' (default, the embedded testbed), a diffusers pipeline folder, or a single-file "
+                   "SD1.x/SD2.x/SDXL .safetensors checkpoint (loaded offline with shipped configs)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--masks", type=Path, help="a masks.safetensors MaskSet learned for this model")
     src.add_argument("--beta", default="auto",
