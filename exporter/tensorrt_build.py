@@ -170,12 +170,18 @@ def profile_shapes(inputs: Sequence[InputSpec], ranges: ShapeRanges) -> dict[str
 
 def make_feeds(inputs: Sequence[InputSpec], shapes: dict[str, tuple[int, ...]], seed: int = 0,
                dtype_override: str | None = None) -> dict[str, np.ndarray]:
-    """Seeded random inputs in the value ranges a UNet sees (timesteps in [0, 1000), latents/embeddings ~ N(0,1))."""
+    """Seeded random inputs in the value ranges a UNet sees (timesteps in [0, 1000), latents/embeddings ~ N(0,1)).
+
+    LCM's `timestep_cond` is a sin/cos embedding (N(0,1) is its range); integer inputs (class ids) are 0, the
+    one id every class embedding has.
+    """
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     for spec in inputs:
         shape = shapes[spec.name]
-        if "time" in spec.name and "ids" not in spec.name:
+        if spec.dtype.startswith("int"):
+            arr = np.zeros(shape)
+        elif "time" in spec.name and "ids" not in spec.name and "cond" not in spec.name:
             arr = rng.uniform(0, 999, size=shape)
         elif "time_ids" in spec.name:
             arr = rng.uniform(0, 64, size=shape)

@@ -114,6 +114,18 @@ def test_unknown_dynamic_axis_is_rejected():
         profile_shapes([InputSpec("odd", "float32", ("b", 3, "what"))], ShapeRanges())
 
 
+def test_feeds_for_conditioned_unets_stay_in_range():
+    """LCM's timestep_cond is a sin/cos embedding, not a timestep; class ids must index the embedding."""
+    from exporter.tensorrt_build import InputSpec
+
+    specs = [InputSpec("timestep", "float32", ("b",)), InputSpec("timestep_cond", "float32", ("b", 16)),
+             InputSpec("class_labels", "int64", ("b",))]
+    feed = make_feeds(specs, {"timestep": (64,), "timestep_cond": (64, 16), "class_labels": (64,)})
+    assert feed["timestep"].min() >= 0 and feed["timestep"].max() > 100
+    assert np.abs(feed["timestep_cond"]).max() < 10
+    assert feed["class_labels"].dtype == np.int64 and (feed["class_labels"] == 0).all()
+
+
 def test_fp16_detection(unet_onnx, tmp_path):
     assert not onnx_is_fp16(unet_onnx)
     import onnx
