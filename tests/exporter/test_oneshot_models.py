@@ -53,3 +53,25 @@ def test_sdxl_folder_exports_the_whole_pipeline(geometry, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     for rel in (*PIPELINE_FILES, "onnx/pipeline/text_encoder_2/model.onnx", "onnx/pipeline/tokenizer_2/vocab.json"):
         assert (out / rel).is_file(), rel
+
+
+def test_sdxl_single_file_learns_and_runs_through(tmp_path, monkeypatch, capsys):
+    """An SDXL checkpoint in the original layout: mask learning and the one-shot both take the file."""
+    from exporter.cli import main
+    from uniforget import single_file
+    from uniforget.ldm_layout import save_original
+
+    pipe = tiny_pipeline("sdxl", image_size=16, scheduler="euler")
+    pipe.save_pretrained(str(tmp_path / "configs" / "sdxl"), safe_serialization=True)
+    monkeypatch.setattr(single_file, "CONFIGS", tmp_path / "configs")  # stands in for the full-size SDXL configs
+    f = save_original(pipe, "sdxl", tmp_path / "sd_xl_tiny.safetensors", dtype=torch.float16)
+    masks = tmp_path / "masks.safetensors"
+    rc = main(["learn", "--model", str(f), "--beta", "1", "--steps", "2", "--sampler-steps", "2", "--batch", "2",
+               "--out", str(masks), "--no-progress"])
+    assert rc == 0 and masks.is_file(), capsys.readouterr().err
+    out = tmp_path / "out"
+    rc = export_main(["--model", str(f), "--masks", str(masks), "--ratio", "0.05", "--out", str(out), "-q",
+                      "--no-validate"])
+    assert rc == 0, capsys.readouterr().err
+    for rel in (*PIPELINE_FILES, "onnx/pipeline/text_encoder_2/model.onnx"):
+        assert (out / rel).is_file(), rel
