@@ -140,3 +140,23 @@ def test_lcm_images_match_diffusers(lcm, steps, monkeypatch):
     # guidance really enters through timestep_cond: another scale moves the image
     other = ort(prompts, num_inference_steps=steps, guidance_scale=2.0, latents=lat, seed=11).images
     assert float(np.abs(other - got).max()) > 10 * PIXEL_ATOL
+
+
+def test_pruned_lcm_unet_keeps_timestep_cond_through_save_load_and_export(tmp_path):
+    """masks -> plan -> prune -> slim folder -> ONNX: the LCM conditioning survives every stage."""
+    from uniforget.fingerprint import model_fingerprint
+    from uniforget.masks import MaskSet
+    from uniforget.plan import make_plan
+    from uniforget.prune import prune_unet
+    from uniforget.slim_io import save_slim_unet
+    from uniforget.targets import discover_targets
+
+    unet = build_unet(CONDITIONED["lcm"], seed=5)
+    g = torch.Generator().manual_seed(0)
+    ms = MaskSet({t.key: torch.rand(t.size, generator=g) * 2 - 1 for t in discover_targets(unet)},
+                 model_fingerprint(unet))
+    plan = make_plan(unet, ms, 0.3, with_flops=False)
+    save_slim_unet(prune_unet(unet, plan), plan, tmp_path / "slim")
+    res, rep = export_unet_validated(tmp_path / "slim", tmp_path / "onnx" / "unet.onnx", FAST)
+    assert "timestep_cond" in [i.name for i in onnx.load(str(res.path)).graph.input]
+    assert rep and rep.max_abs < 1e-4
