@@ -209,3 +209,13 @@ def test_shipped_configs_are_the_real_geometries(config, family, params):
         back = convert(sd, cfgs[part])
         want = {k: tuple(v.shape) for k, v in parts[part].state_dict().items()}
         assert {k: tuple(v.shape) for k, v in back.items()} == want, part
+
+
+def test_trusted_pickle_checkpoint_loads_with_allow_pickle(tiny, tmp_path):
+    pipe, root, _ = tiny["sd1"]
+    f = tmp_path / "model.ckpt"
+    torch.save({"state_dict": pipeline_to_original(pipe, "sd1"), "global_step": 1}, f)
+    with pytest.raises(ModelLoadError, match="allow-pickle"):
+        load_pipeline(f)
+    assert inspect_checkpoint(f, allow_pickle=True).family == "sd1"
+    assert _same(pipe.unet, load_single_file(f, configs_root=root, allow_pickle=True).unet) == []
