@@ -219,3 +219,22 @@ def test_trusted_pickle_checkpoint_loads_with_allow_pickle(tiny, tmp_path):
         load_pipeline(f)
     assert inspect_checkpoint(f, allow_pickle=True).family == "sd1"
     assert _same(pipe.unet, load_single_file(f, configs_root=root, allow_pickle=True).unet) == []
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bookkeeping_tensors_of_real_files_are_ignored(tiny, tmp_path, family):
+    """Released files also hold the noise schedule, EMA counters, CLIP position ids and logit scales."""
+    pipe, root, _ = tiny[family]
+    sd = pipeline_to_original(pipe, family)
+    sd.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(1, dtype=torch.int32),
+               "alphas_cumprod": torch.rand(1000), "betas": torch.rand(1000)})
+    text = {"sd1": "cond_stage_model.transformer.", "sd2": "cond_stage_model.model.",
+            "sdxl": "conditioner.embedders.0.transformer."}[family]
+    if family == "sd2":
+        sd[text + "logit_scale"] = torch.tensor(4.6)
+    else:
+        sd[text + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    f = tmp_path / "real.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(f))
+    assert not inspect_checkpoint(f).has_raw_and_ema
+    assert _same(pipe.unet, load_single_file(f, configs_root=root).unet) == []
