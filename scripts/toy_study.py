@@ -34,6 +34,7 @@ from uniforget.learn import LearnConfig, LearnRequest, control_path_for, kind_su
 from uniforget.masks import MaskSet
 from uniforget.models import load_pipeline, resolve_model_path
 from uniforget.prompts import TOY_PROMPTS
+from uniforget.retrain import RetrainConfig
 
 SHIP_DIR = Path(__file__).resolve().parents[1] / "uniforget" / "toy" / "masks"
 
@@ -76,7 +77,7 @@ def _slim_variants(pipe, data, ecfg, original, defaults, ms: MaskSet, args, beta
     from uniforget.plan import make_plan
     from uniforget.prompts import load_prompts
     from uniforget.prune import check_parity, prune_unet
-    from uniforget.retrain import RetrainConfig, retrain_unet
+    from uniforget.retrain import retrain_unet
     from uniforget.sampler import encode_prompts
 
     dense = pipe.unet
@@ -92,7 +93,7 @@ def _slim_variants(pipe, data, ecfg, original, defaults, ms: MaskSet, args, beta
         guidance = float(defaults.get("guidance_scale", 7.5))
         t0 = time.perf_counter()
         retrain_unet(student, dense, pipe.scheduler, cond, RetrainConfig(steps=args.retrain_steps,
-                                                                         guidance_scale=guidance))
+                                                                         lr=args.retrain_lr, guidance_scale=guidance))
         variants.append(("retrained", student.eval(), time.perf_counter() - t0))
     for name, unet, wall in variants:
         pipe.unet = unet
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--betas", default="auto,weak,medium,strong")
     ap.add_argument("--ratio", default=None, help="also prune at this ratio (e.g. 0.05) and evaluate the slim UNet")
     ap.add_argument("--retrain-steps", type=int, default=0, help="also retrain the slim UNet this many steps")
+    ap.add_argument("--retrain-lr", type=float, default=RetrainConfig.lr, help="retrain learning rate")
     ap.add_argument("--empty-seeds", type=int, default=48, help="empty-prompt generations per variant (0 = skip)")
     ap.add_argument("--learn-steps", type=int, default=LearnConfig.steps)
     ap.add_argument("--sampler-steps", type=int, default=None, help="N unrolled while learning (default: learn's)")

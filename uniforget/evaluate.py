@@ -410,6 +410,7 @@ class ValidateOptions:
 
     model: str = "toy"
     masks: str | None = None
+    slims: tuple[str, ...] = ()  # slim UNet folders (prune / retrain output) to evaluate against the original
     spec: str | None = None  # toy dataset spec; None = the shipped one
     prompts: str | None = None  # evaluation prompts file for any model (EvalData.from_file); overrides spec
     judge: str | None = None  # judge folder; None = beside the model (train_toy.py output) or the shipped one
@@ -441,11 +442,17 @@ def judge_beside(model_dir: Any) -> str | None:
 
 
 def validate(opts: ValidateOptions) -> ValidateReport:
-    """Load the model (and masks), evaluate it (before and after gating when masks are given)."""
+    """Load the model (and masks, slim UNets), evaluate it: the original first, then gated and each slim UNet
+    against it (same seeds, so drift and selectivity compare like with like)."""
     from .fingerprint import model_fingerprint
     from .models import load_pipeline, resolve_model_path
+    from .slim_io import PLAN_NAME, load_slim_unet
 
     t0 = time.perf_counter()
+    for s in opts.slims:  # before the heavy work: a wrong folder is one clear line
+        if not (Path(s) / PLAN_NAME).is_file():
+            raise UniforgetError(f"--slim {s}: not a slim UNet folder (no {PLAN_NAME}); write one with "
+                                 "`uniforget prune` or `uniforget retrain`")
     pipe = load_pipeline(opts.model, allow_pickle=opts.allow_pickle)
     model_dir = resolve_model_path(opts.model)
     masks = None
@@ -464,6 +471,14 @@ def validate(opts: ValidateOptions) -> ValidateReport:
     if masks is not None:
         evals.append(evaluate(pipe, data, opts.config, gates=masks, reference=evals[0], label="masked",
                               defaults=defaults))
+    dense = pipe.unet
+    for s in opts.slims:
+        pipe.unet = load_slim_unet(s).eval()
+        try:
+            evals.append(evaluate(pipe, data, opts.config, reference=evals[0], label=Path(s).name,
+                                  defaults=defaults))
+        finally:
+            pipe.unet = dense
     report = ValidateReport(str(opts.model), opts.masks, opts.config, tuple(evals), time.perf_counter() - t0)
     if opts.json_path:
         write_json(report.to_json(), opts.json_path)

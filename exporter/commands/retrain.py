@@ -41,6 +41,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"teacher trajectory guidance (default: the model's own, else {d.guidance_scale})")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision,
                    help="autocast dtype for both UNets (weights stay fp32)")
+    p.add_argument("--objective", choices=("noise", "trajectory"), default=d.objective,
+                   help="noise: match the teacher's noise predictions on its own trajectory states (cheap); "
+                        "trajectory: match its N-step final latents, backpropagating through the sampler")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--drift-prompts", type=int, default=4,
                    help="neutral prompts held out of the retrain to measure drift before/after on (0 = skip)")
@@ -55,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def _request(args: argparse.Namespace) -> RetrainRequest:
     d = RetrainConfig()
     cfg = RetrainConfig(steps=args.steps, lr=args.lr, lr_min=args.lr_min, weight_decay=args.weight_decay,
-                        batch=args.batch, sampler_steps=args.sampler_steps,
+                        batch=args.batch, sampler_steps=args.sampler_steps, objective=args.objective,
                         guidance_scale=d.guidance_scale if args.guidance_scale is None else args.guidance_scale,
                         seed=args.seed, precision=args.precision)
     return RetrainRequest(slim=args.slim, out=args.out, model=args.model, config=cfg, prompts_file=args.prompts,

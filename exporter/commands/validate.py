@@ -22,6 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "under perturbed trigger embeddings. With --masks: before and after gating, plus drift.")
     p.add_argument("--model", default="toy", help="'toy' (default), a diffusers pipeline folder, or a .safetensors file")
     p.add_argument("--masks", help="a masks.safetensors MaskSet to evaluate against the original")
+    p.add_argument("--slim", action="append", default=[], metavar="DIR",
+                   help="a slim UNet folder (prune or retrain output) to evaluate against the original; repeatable")
     p.add_argument("--spec", help="toy dataset spec JSON (default: the shipped one)")
     p.add_argument("--prompts", help="evaluation prompts for any model: JSON with 'neutral' prompts and 'memorized' "
                                      "captions, each with an optional reference 'image' (overrides --spec)")
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                      steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
                      perturb_norms=args.perturb, optimized_norm=None if args.no_optimized else args.optimized_norm,
                      empty_seeds=args.empty_seeds, progress=not getattr(args, "quiet", False))
-    report = validate(ValidateOptions(model=args.model, masks=args.masks, spec=args.spec, prompts=args.prompts,
+    report = validate(ValidateOptions(model=args.model, masks=args.masks, slims=tuple(args.slim), spec=args.spec, prompts=args.prompts,
                                       judge=args.judge,
                                       config=cfg, json_path=args.json_path, allow_pickle=args.allow_pickle))
     table = fitted_table([("measure", "left"), *((e.label, "right") for e in report.evaluations)],

@@ -200,3 +200,25 @@ def test_shipped_toy_meets_the_testbed_targets():
     assert ev.empty_prompt is not None and ev.empty_prompt.clean
     assert ev.wen_auc is not None and ev.wen_auc >= 0.9 and ev.signature.wen_direction == "memorized higher"
     assert ev.signature.kind == "prompt-triggered"
+
+
+def test_cli_validate_slim_folder(pipe, pipe_dir, tmp_path, capsys):
+    """A slim UNet folder is evaluated against the original; cut with open gates at ratio 0 it is the original."""
+    from exporter.cli import main
+    from uniforget.fingerprint import model_fingerprint
+    from uniforget.masks import MaskSet
+
+    logits = {t.key: torch.ones(t.size) for t in discover_targets(pipe.unet)}
+    masks = MaskSet(logits, model_fingerprint(pipe.unet)).save(tmp_path / "masks.safetensors")
+    slim = tmp_path / "slim"
+    assert main(["-q", "prune", "--model", str(pipe_dir), "--masks", str(masks), "--ratio", "0",
+                 "--out", str(slim)]) == 0
+    out = tmp_path / "v.json"
+    assert main(["-q", "validate", "--model", str(pipe_dir), "--slim", str(slim), *FAST, "--json", str(out)]) == 0
+    ev = json.loads(out.read_text())["evaluations"]
+    assert list(ev) == ["original", "slim"]
+    assert ev["slim"]["drift_neutral"] == 0.0 and ev["slim"]["memorized"] == ev["original"]["memorized"]
+    capsys.readouterr()
+    assert main(["-q", "validate", "--model", str(pipe_dir), "--slim", str(tmp_path), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "not a slim UNet folder" in err

@@ -28,6 +28,7 @@ from uniforget.retrain import (
     matching_loss,
     retrain_unet,
     teacher_states,
+    trajectory_loss,
 )
 from uniforget.sampler import encode_prompts, sample
 from uniforget.slim_io import PLAN_NAME, load_slim_unet, save_slim_unet
@@ -117,7 +118,7 @@ def test_teacher_states_are_where_the_sampler_queries(pipe, cond):
         assert int(st.t[b]) == int(t)
     with torch.no_grad():
         mse, norm = matching_loss(pipe.unet, st, c)
-    assert float(mse) < 1e-10 and float(norm) > 0.1
+    assert float(mse.max()) < 1e-10 and float(norm.min()) > 0
 
 
 def test_resume_equals_uninterrupted(pipe, cond, slim, tmp_path):
@@ -159,7 +160,7 @@ def test_student_moves_towards_teacher(pipe, cond, slim):
     def fixed_loss(u):
         with torch.no_grad():
             mse, norm = matching_loss(u, st, c)
-        return float(mse / norm)
+        return float((mse / norm).mean())
 
     probe = NeutralDrift(pipe.unet, pipe.scheduler, cond.select(held), cfg.sampler, seed=5)
     student = copy.deepcopy(s)
@@ -171,6 +172,24 @@ def test_student_moves_towards_teacher(pipe, cond, slim):
     assert drift1["rel"] < drift0["rel"], (drift0, drift1)
     assert len(res.history) == 20 and res.history[0].lr == pytest.approx(1e-4)
     assert res.history[-1].lr < res.history[0].lr  # cosine annealing
+
+
+def test_trajectory_objective_lowers_final_latent_drift(pipe, cond, slim):
+    """The trajectory objective backpropagates through the N-step sampler: held-out final-latent drift falls,
+    and its loss is the normalized final-latent error (the teacher as its own student scores 0)."""
+    _, s = slim
+    cfg = RetrainConfig(steps=15, batch=4, lr=3e-4, sampler_steps=3, guidance_scale=3.0, seed=1,
+                        objective="trajectory")
+    z0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    mse, norm = trajectory_loss(pipe.unet, pipe.unet, pipe.scheduler, z0, cond.select([0, 4]), cfg.sampler)
+    assert float(mse) == 0.0 and float(norm) > 0
+    held, train = [0, 4], [1, 2, 3, 5, 6, 7]
+    probe = NeutralDrift(pipe.unet, pipe.scheduler, cond.select(held), cfg.sampler, seed=5)
+    student = copy.deepcopy(s)
+    drift0 = probe(student)["rel"]
+    res = _retrain(pipe, student, cond.select(train), cfg)
+    assert probe(res.unet)["rel"] < drift0
+    assert res.history[-1].loss < res.history[0].loss
 
 
 def test_bf16_autocast_runs(pipe, cond, slim):
