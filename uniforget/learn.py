@@ -240,6 +240,19 @@ def _load_checkpoint(path: Path, gates: GateParams, opt: torch.optim.Optimizer,
 # ---------------------------------------------------------------------------------------------- the loop
 
 
+def _batch_var(ref: torch.Tensor, accelerator: Any, world: int) -> torch.Tensor:
+    """Variance of the original's latents over the global batch. Each process holds a slice of it, and a
+    per-slice variance would give each process another loss than the one-process run (seen: gate logits 2e-2
+    apart after 4 steps); so the slices' sums are all-reduced (float64) into the global unbiased variance."""
+    if world == 1:
+        return ref.var()
+    x = ref.detach().double()
+    stats = torch.stack([x.sum(), x.pow(2).sum(), torch.tensor(float(x.numel()), dtype=torch.float64,
+                                                                 device=x.device)])
+    s, q, n = accelerator.reduce(stats, reduction="sum")
+    return ((q - s * s / n) / (n - 1)).to(ref.dtype)
+
+
 def _make_optimizer(params: list[torch.nn.Parameter], cfg: LearnConfig) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
@@ -312,7 +325,7 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
             with _autocast(device, cfg.precision):
                 out = sample(unet, scheduler, z0, c, cfg.sampler).float()
             mse = (out - ref).pow(2).mean()
-            rec = mse / ref.var().clamp_min(1e-12) if cfg.recon == "relative" else mse
+            rec = mse / _batch_var(ref, accelerator, world).clamp_min(1e-12) if cfg.recon == "relative" else mse
             l1 = gates.l1()
             loss = rec + cfg.beta * l1
             loss.backward()
