@@ -515,8 +515,14 @@ def stage_validate(run: _Run) -> tuple[str, dict | None]:
                           "neutral_prompts": [data.neutral_prompts[i] for i in idx]}
         if retrained is None:
             run.evaluation.pop("retrained")
-        parts.append(f"{verdict.status}: copy rate {original.memorized.copy_rate:.0%} -> "
-                     f"{final.memorized.copy_rate:.0%}")
+        if verdict.status == "not measured":  # no reference images: say what was and was not checked, no nan%
+            wen = (f"Wen AUC {original.wen_auc:.2f} -> {final.wen_auc:.2f}" if original.wen_auc is not None
+                   and final.wen_auc is not None and math.isfinite(original.wen_auc) else "no Wen AUC")
+            parts.append(f"memorization not measured (no reference images: no copy rate, no empty-prompt check; "
+                         f"{wen})")
+        else:
+            parts.append(f"{verdict.status}: copy rate {original.memorized.copy_rate:.0%} -> "
+                         f"{final.memorized.copy_rate:.0%}")
         if final.judge_accuracy is not None:
             parts.append(f"judge {original.judge_accuracy:.0%} -> {final.judge_accuracy:.0%}")
     bopts = BenchOptions(runtimes=("eager", "onnxruntime") + (("tensorrt",) if run.trt_dir else ()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"Exporting aten::")
 
 
+def _measured(x: Any) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
 def summary_table(res: Any) -> Any:
     """The closing table: what was removed, memorization before -> after, parity maxima, latency (the report's
     path is printed below it, whole, so it can be copied)."""
@@ -176,8 +181,11 @@ def summary_table(res: Any) -> Any:
     if res.evaluation is not None:
         ev = res.evaluation
         o, s = ev["original"], ev.get("retrained") or ev["slim"]
-        rows.append(("memorized copy rate", f"{o.memorized.copy_rate:.1%} -> {s.memorized.copy_rate:.1%}"))
-        rows.append(("planted image nearest", f"{o.memorized.nn_identity:.1%} -> {s.memorized.nn_identity:.1%}"))
+        if _measured(o.memorized.copy_rate):
+            rows.append(("memorized copy rate", f"{o.memorized.copy_rate:.1%} -> {s.memorized.copy_rate:.1%}"))
+            rows.append(("planted image nearest", f"{o.memorized.nn_identity:.1%} -> {s.memorized.nn_identity:.1%}"))
+        else:  # no reference images: a nan% row would read as a measurement
+            rows.append(("memorized copy rate", "not measured (no reference images)"))
         for key in o.perturbed:
             rows.append((f"copy rate, trigger {key}",
                          f"{o.perturbed[key].copy_rate:.1%} -> {s.perturbed[key].copy_rate:.1%}"))
