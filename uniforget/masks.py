@@ -90,3 +90,20 @@ class MaskSet:
         if expect_fingerprint is not None:
             ms.check_model(expect_fingerprint)
         return ms
+
+
+def random_maskset(unet: torch.nn.Module, seed: int = 0, kinds: tuple[str, ...] | None = None) -> MaskSet:
+    """Gate parameters drawn i.i.d. from N(0, 1) per unit (`kinds`: which targets; None = all).
+
+    Why: speed checks on random-weight geometries have no learned MaskSet, and latency does not depend on which
+    units go, only on how many per module; `make_plan(unet, random_maskset(unet), ratio)` then removes the most
+    negative draws first, spread over every module.
+    """
+    from .fingerprint import model_fingerprint
+    from .targets import discover_targets
+
+    g = torch.Generator().manual_seed(seed)
+    logits = {t.key: torch.randn(t.size, generator=g) for t in discover_targets(unet)
+              if kinds is None or t.kind in kinds}
+    return MaskSet(logits=logits, model_fingerprint=model_fingerprint(unet),
+                   meta={"source": f"random N(0,1) seed {seed}" + (f", kinds {','.join(kinds)}" if kinds else "")})

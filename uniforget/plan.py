@@ -9,6 +9,11 @@
 - Rule: a module never loses its last unit. Each attention keeps >= 1 head, each feed-forward >= 1 neuron,
   each norm >= 1 channel: the unit with the largest M stays (with its gate value, possibly 0, folded in),
   so slim == gated still holds and no module ends up with a zero-width tensor.
+- Aligned widths (`align`, default 8): each module's kept count is rounded up so the tensor width it leaves
+  (kept heads x head_dim, kept neurons, kept channels) is a multiple of `align`, capped at the dense width.
+  Why: GEMM kernels (MLAS, cuBLAS) run their fast paths on widths divisible by 8; a width of 317 can be slower
+  than 320. The units added back are the removed ones with the largest M, and they keep gate value 0 (folded
+  into the weights), so the slim model computes exactly what the unaligned one does. `align=1` turns it off.
 
 Saved as `plan.json` (format `uniforget.plan/1`); loading validates every field and raises one PlanError line.
 """
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "uniforget.plan/1"
 Ratio = float | str
+DEFAULT_ALIGN = 8
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,7 @@ class PruningPlan:
     mask_closed_shares: dict[str, float]  # per kind (+ "all"): share of gates at value 0 in the MaskSet
     maskset_meta: dict[str, str] = field(default_factory=dict)
     library_version: str = __version__
+    align: int = 1  # kept widths rounded up to a multiple of this (1 = exact); older plans have none
 
     # -- views ------------------------------------------------------------------------------------------
 
@@ -120,6 +127,12 @@ class PruningPlan:
     # -- persistence ------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        d = self._to_dict()
+        if self.align != 1:  # written only when used, so plans (and slim UNets) cut before it keep their digest
+            d["align"] = self.align
+        return d
+
+    def _to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "library_version": self.library_version,
@@ -209,6 +222,7 @@ def _from_dict(d: Any) -> PruningPlan:
         mask_closed_shares={str(k): float(v) for k, v in d.get("mask_closed_shares", {}).items()},
         maskset_meta={str(k): str(v) for k, v in d.get("maskset_meta", {}).items()},
         library_version=str(d.get("library_version", "")),
+        align=_check_align(d.get("align", 1)),
     )
 
 
@@ -231,6 +245,27 @@ def parse_ratio(ratio: Any) -> Ratio:
     if math.isnan(r) or not 0.0 <= r < 1.0:
         raise PlanError(f"ratio must be in [0, 1) (a fraction of UNet parameters to remove), got {ratio!r}")
     return r
+
+
+def _check_align(align: Any) -> int:
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise PlanError(f"align must be a positive integer (1 = no rounding), got {align!r}")
+    return align
+
+
+def unit_widths(layout: Layout, order: list[str]) -> dict[str, int]:
+    """Tensor entries one unit of each target owns along its pruned axis: head_dim for heads, 1 otherwise."""
+    widths = dict.fromkeys(order, 1)
+    for a in layout.attns:
+        if a.key is not None and a.key in widths:
+            widths[a.key] = a.head_dim
+    return widths
+
+
+def aligned_count(n_kept: int, size: int, width: int, align: int) -> int:
+    """Smallest count >= n_kept whose width (count x width) is a multiple of `align`, at most `size`."""
+    step = align // math.gcd(align, width)
+    return min(size, -(-n_kept // step) * step)
 
 
 def _check_maskset(unet: nn.Module, maskset: MaskSet) -> list[str]:
@@ -278,13 +313,15 @@ def _shares(plan_targets: list[TargetPlan], removed_of: Any) -> dict[str, float]
 
 
 def make_plan(unet: nn.Module, maskset: MaskSet, ratio: Ratio,
-              reference_shape: ReferenceShape | None = None, *, with_flops: bool = True) -> PruningPlan:
+              reference_shape: ReferenceShape | None = None, *, with_flops: bool = True,
+              align: int = DEFAULT_ALIGN) -> PruningPlan:
     """Turn gate parameters into a PruningPlan (see the module docstring for the rules).
 
     `with_flops=False` skips the FLOP count (about a second of meta-device tracing per model) and leaves
-    flops_before/after as None.
+    flops_before/after as None. `align` rounds kept widths up (1 = off).
     """
     r = parse_ratio(ratio)
+    align = _check_align(align)
     fp = model_fingerprint(unet)
     maskset.check_model(fp)
     order = _check_maskset(unet, maskset)
@@ -294,6 +331,7 @@ def make_plan(unet: nn.Module, maskset: MaskSet, ratio: Ratio,
     ref = reference_shape or ReferenceShape.for_unet(unet)
     total = param_count(unet)
     layout = build_layout(unet, frozenset(order))
+    widths = unit_widths(layout, order)
 
     if r == "auto":
         kept: dict[str, list[int]] = {}
@@ -301,11 +339,18 @@ def make_plan(unet: nn.Module, maskset: MaskSet, ratio: Ratio,
             idx = torch.nonzero(values[k] > 0).flatten().tolist()
             kept[k] = idx or [_protected(logits[k])]
     else:
-        kept = _kept_for_ratio(order, logits, sizes, layout, total, r)
+        kept = _kept_for_ratio(order, logits, sizes, layout, total, r, widths, align)
+    padded = {k: _pad_to_aligned(kept[k], logits[k], widths[k], align) for k in order}
 
-    targets = [TargetPlan(k, k.rsplit("/", 1)[1], sizes[k], tuple(kept[k]),
-                          tuple(float(values[k][i]) for i in kept[k])) for k in order]
-    open_removed = sum(int((values[k] > 0).sum()) - sum(1 for i in kept[k] if values[k][i] > 0) for k in order)
+    chosen = {k: set(v) for k, v in kept.items()}
+    targets = [TargetPlan(k, k.rsplit("/", 1)[1], sizes[k], tuple(padded[k]),
+                          tuple(float(values[k][i]) if i in chosen[k] else 0.0 for i in padded[k]))
+               for k in order]
+    n_pad = sum(len(padded[k]) - len(kept[k]) for k in order)
+    if n_pad:
+        log.info("align %d: %d removed unit(s) stay as zero-gated weights to round kept widths", align, n_pad)
+    kept = padded
+    open_removed = sum(int((values[k] > 0).sum()) - sum(1 for i in chosen[k] if values[k][i] > 0) for k in order)
     if open_removed:
         log.info("ratio %s removes %d units whose gates were open; the slim model equals the gated model with "
                  "those gates at 0 (plan.effective_gates())", r, open_removed)
@@ -314,7 +359,7 @@ def make_plan(unet: nn.Module, maskset: MaskSet, ratio: Ratio,
         params_before=total, params_after=total, flops_before=None, flops_after=None, reference_shape=ref,
         closed_shares=_shares(targets, lambda t: t.n_removed),
         mask_closed_shares=_shares(targets, lambda t: int((values[t.key] == 0).sum())),
-        maskset_meta={str(a): str(b) for a, b in maskset.meta.items()},
+        maskset_meta={str(a): str(b) for a, b in maskset.meta.items()}, align=align,
     )
     dense_meta = meta_copy(unet) if with_flops else None
     slim_meta = prune_unet(meta_copy(unet), plan, inplace=True, check_fingerprint=False)
@@ -330,9 +375,21 @@ def make_plan(unet: nn.Module, maskset: MaskSet, ratio: Ratio,
     return plan
 
 
+def _pad_to_aligned(kept: list[int], logits: torch.Tensor, width: int, align: int) -> list[int]:
+    """`kept` plus the removed units with the largest M (lowest index on ties) up to the aligned count."""
+    want = aligned_count(len(kept), int(logits.numel()), width, align)
+    if want == len(kept):
+        return kept
+    have, m = set(kept), logits.tolist()
+    removed = sorted((i for i in range(len(m)) if i not in have), key=lambda i: (-m[i], i))
+    return sorted(kept + removed[: want - len(kept)])
+
+
 def _kept_for_ratio(order: list[str], logits: Mapping[str, torch.Tensor], sizes: Mapping[str, int],
-                    layout: Layout, total: int, ratio: float) -> dict[str, list[int]]:
-    """Smallest prefix of units, most closed first, whose removal takes away >= ratio of the parameters."""
+                    layout: Layout, total: int, ratio: float, widths: Mapping[str, int] | None = None,
+                    align: int = 1) -> dict[str, list[int]]:
+    """Smallest prefix of units, most closed first, whose removal takes away >= ratio of the parameters
+    once each module's kept count is rounded up to its aligned width (the padding is added by the caller)."""
     key_ids, idxs, ms = [], [], []
     for ki, k in enumerate(order):
         protect = _protected(logits[k])
@@ -345,17 +402,21 @@ def _kept_for_ratio(order: list[str], logits: Mapping[str, torch.Tensor], sizes:
     perm = np.lexsort((idxs_a, key_ids_a, ms_a))  # by M, then target order, then index
     key_ids_a, idxs_a = key_ids_a[perm], idxs_a[perm]
     size_arr = np.array([sizes[k] for k in order])
+    w = widths or {}
+    step_arr = np.array([align // math.gcd(align, w.get(k, 1)) for k in order])
     target = ratio * total
 
-    def removed(n: int) -> int:
+    def removed(n: int) -> int:  # monotone in n: rounding up keeps the counts' order
         counts = size_arr - np.bincount(key_ids_a[:n], minlength=len(order))
+        counts = np.minimum(size_arr, -(-counts // step_arr) * step_arr)
         return total - _params_after(total, layout, dict(zip(order, counts.tolist(), strict=True)), sizes)
 
     hi = len(key_ids_a)
     best = removed(hi)
     if best < target:
         raise PlanError(f"ratio {ratio} cannot be reached: removing every gated unit but one per module removes "
-                        f"only {best / total:.2%} of the UNet's parameters")
+                        f"only {best / total:.2%} of the UNet's parameters"
+                        + (f" with widths aligned to {align} (try a smaller --align)" if align > 1 else ""))
     lo = 0
     while lo < hi:  # smallest n with removed(n) >= target (removed is monotone in n)
         mid = (lo + hi) // 2
@@ -383,6 +444,7 @@ class PlanRequest:
     unet_dir: Path | None = None
     reference_shape: ReferenceShape | None = None
     out: Path | None = None
+    align: int = DEFAULT_ALIGN
 
 
 def load_source_unet(model: str | None, unet_dir: str | os.PathLike | None = None) -> nn.Module:
@@ -407,7 +469,7 @@ def plan_from_request(req: PlanRequest, unet: nn.Module | None = None) -> Prunin
     """Load UNet and MaskSet, make the plan, save it to `req.out` when given."""
     unet = unet if unet is not None else load_source_unet(req.model, req.unet_dir)
     masks = MaskSet.load(req.masks)
-    plan = make_plan(unet, masks, req.ratio, req.reference_shape or ReferenceShape.for_unet(unet))
+    plan = make_plan(unet, masks, req.ratio, req.reference_shape or ReferenceShape.for_unet(unet), align=req.align)
     if req.out is not None:
         plan.save(req.out)
     return plan
@@ -424,5 +486,6 @@ def plan_dict_summary(plan: PruningPlan) -> dict[str, Any]:
     return d
 
 
-__all__ = ["PruningPlan", "TargetPlan", "PlanRequest", "ReferenceShape", "make_plan", "parse_ratio",
+__all__ = ["PruningPlan", "TargetPlan", "PlanRequest", "ReferenceShape", "make_plan", "parse_ratio", "DEFAULT_ALIGN",
+           "aligned_count",
            "plan_from_request", "load_source_unet", "plan_dict_summary"]

@@ -9,7 +9,8 @@ removed units are sliced out of the weights, and kept units' fractional gate val
 - ffn: the input projection's rows of each removed hidden neuron go (for GEGLU/SwiGLU its value row *and*
   its gate row), and the output linear's columns; kept neurons' gates scale the output linear's columns.
 - norm: the LayerNorm still normalizes over the full width (mean and variance need every channel), then
-  `SlimLayerNorm` selects the kept channels; consumers (norm1 -> attn1 q/k/v, k/v only for self-attention;
+  `SlimLayerNorm` selects the kept channels (only where a channel goes: a norm that keeps every channel, as
+  aligned widths often make it, stays a plain LayerNorm with no gather); consumers (norm1 -> attn1 q/k/v, k/v only for self-attention;
   norm2 -> attn2 q (+k/v if self-attention); norm3 -> ff input projection) lose the removed input columns.
   Kept channels' gates are folded into the norm's affine weight and bias.
 
@@ -255,7 +256,8 @@ def _new_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def _needs_slim_norm(spec: NormSpec, n_kept: int, gates: torch.Tensor) -> bool:
-    """SlimLayerNorm when channels go, or when a norm without affine params must carry folded gates."""
+    """A new norm module when channels go (SlimLayerNorm), or when a norm without affine params must carry
+    folded gates (then a plain affine LayerNorm: with every channel kept there is nothing to gather)."""
     return n_kept < spec.size or (not spec.affine and bool((gates != 1).any()))
 
 
@@ -344,11 +346,16 @@ def _prune_norm(unet: nn.Module, spec: NormSpec, kept: torch.Tensor, gates: torc
     w = ln.weight.detach().to(torch.float32) if ln.weight is not None else torch.ones(spec.size, device=dev)
     b = ln.bias.detach().to(torch.float32) if ln.bias is not None else torch.zeros(spec.size, device=dev)
     w, b = w * g, b * g  # fold gates into the affine: (x_hat * w + b) * g
-    if not _needs_slim_norm(spec, len(kept), gates):
+    if len(kept) == spec.size:  # no channel removed: a plain LayerNorm, no gather in the graph
         if ln.weight is not None:
             ln.weight.copy_(w.to(dtype))
-        if ln.bias is not None:
-            ln.bias.copy_(b.to(dtype))
+            if ln.bias is not None:
+                ln.bias.copy_(b.to(dtype))
+        elif _needs_slim_norm(spec, len(kept), gates):  # no affine to fold the gates into: give it one
+            full = nn.LayerNorm(spec.size, eps=ln.eps, elementwise_affine=True, device=dev, dtype=dtype)
+            full.weight.copy_(w.to(dtype))
+            full.bias.copy_(b.to(dtype))
+            unet.set_submodule(spec.path, full)
         return
     idx = kept.to(dev)
     slim = SlimLayerNorm(spec.size, kept, eps=ln.eps, device=dev, dtype=dtype)

@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import PlanError
 from .flops import ReferenceShape, reference_inputs
-from .plan import PlanRequest, PruningPlan, load_source_unet, make_plan
+from .plan import DEFAULT_ALIGN, PlanRequest, PruningPlan, load_source_unet, make_plan
 from .prune import ParityResult, check_parity, prune_unet, require_parity
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ class PruneRequest:
     atol: float = 1e-5
     overwrite: bool = False
     plan_out: Path | None = None
+    align: int = DEFAULT_ALIGN  # kept widths rounded up to a multiple (uniforget.plan); ignored with --plan
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,8 @@ def prune_to_dir(req: PruneRequest, unet: nn.Module | None = None) -> PruneOutco
         from .masks import MaskSet
 
         masks = MaskSet.load(req.masks)
-        plan = make_plan(unet, masks, req.ratio, req.reference_shape or ReferenceShape.for_unet(unet))
+        plan = make_plan(unet, masks, req.ratio, req.reference_shape or ReferenceShape.for_unet(unet),
+                         align=req.align)
     slim = prune_unet(unet, plan)
     inputs = reference_inputs(unet, req.reference_shape or plan.reference_shape)
     parity = require_parity(check_parity(unet, slim, plan, inputs, atol=req.atol))

@@ -4,7 +4,8 @@
         [--ref-batch 1] [--ref-size 64] [--ref-seq 77]
 
 `--ratio auto` removes exactly the closed gates; a number removes units, most closed first, until that
-fraction of UNet parameters is gone. Every module keeps at least one head / neuron / channel.
+fraction of UNet parameters is gone. Every module keeps at least one head / neuron / channel. `--align 8`
+(default) rounds each module's kept width up to a multiple of 8 with zero-gated units; `--align 1` is exact.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from uniforget.flops import ReferenceShape
-from uniforget.plan import PlanRequest, PruningPlan, parse_ratio, plan_from_request
+from uniforget.plan import DEFAULT_ALIGN, PlanRequest, PruningPlan, parse_ratio, plan_from_request
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +26,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-size", type=int, default=None,
                    help="latent height=width of the reference input (default: the UNet's sample_size)")
     p.add_argument("--ref-seq", type=int, default=77, help="text tokens of the reference input")
+    p.add_argument("--align", type=int, default=DEFAULT_ALIGN,
+                   help="round each module's kept width up to a multiple of this; the units added back stay as "
+                        f"zero-gated weights, so the slim model is unchanged (1 = exact widths; default {DEFAULT_ALIGN})")
+
+
+def check_align(align: int) -> int:
+    """--align before the model is loaded: a whole number >= 1."""
+    if align < 1:
+        from uniforget.errors import PlanError
+
+        raise PlanError(f"--align must be >= 1 (1 = exact widths), got {align}")
+    return align
 
 
 def reference_shape(args: argparse.Namespace) -> ReferenceShape | None:
@@ -66,7 +79,7 @@ def print_plan_table(plan: PruningPlan, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     req = PlanRequest(masks=args.masks, ratio=parse_ratio(args.ratio), model=args.model, unet_dir=args.unet,
-                      reference_shape=reference_shape(args), out=args.out)
+                      reference_shape=reference_shape(args), out=args.out, align=check_align(args.align))
     plan = plan_from_request(req)
     print_plan_table(plan, f"plan (ratio {plan.ratio_requested}) -> {args.out}")
     return 0

@@ -1,6 +1,6 @@
 """`uniforget prune`: physically remove the planned units and write the slim UNet directory.
 
-    uniforget prune --model toy|PATH [--unet DIR] --masks masks.safetensors --ratio 0.05|auto --out DIR
+    uniforget prune --model toy|PATH [--unet DIR] --masks masks.safetensors --ratio 0.05|auto [--align 8] --out DIR
     uniforget prune --model toy|PATH [--unet DIR] --plan plan.json --out DIR
 
 Checks slim == gated (fp32, max abs <= --atol) at the reference input before anything is written; the
@@ -15,7 +15,7 @@ from pathlib import Path
 from uniforget.plan import parse_ratio
 from uniforget.slim_io import PruneRequest, prune_to_dir
 
-from .plan import add_model_args, print_plan_table, reference_shape
+from .plan import add_model_args, check_align, print_plan_table, reference_shape
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     req = PruneRequest(out=args.out, masks=args.masks,
                        ratio=None if args.ratio is None else parse_ratio(args.ratio), plan=args.plan,
                        model=args.model, unet_dir=args.unet, reference_shape=reference_shape(args),
-                       atol=args.atol, overwrite=args.overwrite, plan_out=args.plan_out)
+                       atol=args.atol, overwrite=args.overwrite, plan_out=args.plan_out,
+                       align=check_align(args.align))
     res = prune_to_dir(req)
     print_plan_table(res.plan, f"slim UNet -> {res.out}")
     print(f"parity slim vs gated: max abs {res.parity.max_abs:.2e} at {res.parity.shape} "

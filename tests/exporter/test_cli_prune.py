@@ -117,3 +117,28 @@ def test_masks_for_another_model(files, tmp_path, capsys):
     rc = main(["-q", "plan", "--unet", str(tmp_path / "other"), "--masks", str(root / "masks.safetensors"),
                "--ratio", "auto", "--out", str(tmp_path / "p.json")])
     assert rc == 2 and "learned for model" in _err_line(capsys)
+
+
+def test_prune_align_option(files, tmp_path, capsys):
+    """--align 8 (default) rounds kept widths with zero-gated units and still passes slim == gated; --align 1 is
+    exact; --align 0 is refused in one line before the model loads."""
+    root, unet = files
+    base = ["-q", "prune", "--unet", str(root / "unet"), "--masks", str(root / "masks.safetensors"), "--ratio",
+            "auto"]
+    assert main([*base, "--out", str(tmp_path / "a8")]) == 0, capsys.readouterr().err
+    assert main([*base, "--align", "1", "--out", str(tmp_path / "a1")]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    a8, a1 = (PruningPlan.load(tmp_path / d / "uniforget_plan.json") for d in ("a8", "a1"))
+    assert a8.align == 8 and a1.align == 1
+    assert a8.params_after > a1.params_after  # the padding is real weights
+    for t in a8.targets:  # heads here are 8 or 16 wide, so any head count is aligned; neurons/channels are 1
+        if t.kind != "heads":
+            assert len(t.kept) == t.size or len(t.kept) % 8 == 0, (t.key, len(t.kept))
+    eff8, eff1 = a8.effective_gates(), a1.effective_gates()
+    assert all(torch.equal(eff8[k], eff1[k]) for k in eff8)  # same model, other widths
+    from uniforget.prune import check_parity
+
+    slim8 = load_slim_unet(tmp_path / "a8")
+    assert check_parity(unet, slim8, a8, example_inputs(unet, batch=1, height=8, width=8, seed=2))
+    assert main([*base, "--align", "0", "--out", str(tmp_path / "a0")]) == 2
+    assert "--align" in _err_line(capsys) and not (tmp_path / "a0").exists()

@@ -40,7 +40,7 @@ def sd1():
 @pytest.fixture(scope="module")
 def auto_plan(sd1):
     unet, ms = sd1
-    return make_plan(unet, ms, "auto", REF, with_flops=False)
+    return make_plan(unet, ms, "auto", REF, with_flops=False, align=1)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), 1.0, 1.5, -0.01, "abc", "nan", True, None, "1"])
@@ -87,7 +87,7 @@ def test_keep_one_rule_when_every_gate_closed():
 @pytest.mark.parametrize("ratio", [0.02, 0.1, 0.3])
 def test_ratio_is_reached_minimally_and_in_gate_order(sd1, ratio):
     unet, ms = sd1
-    plan = make_plan(unet, ms, ratio, REF, with_flops=False)
+    plan = make_plan(unet, ms, ratio, REF, with_flops=False, align=1)
     assert plan.ratio_achieved >= ratio
     removed, kept = [], []
     for t in plan.targets:
@@ -207,3 +207,41 @@ def test_partial_maskset_prunes_only_its_kinds(sd1):
     slim = prune_unet(unet, plan)
     heads = [t for t in discover_targets(slim) if t.kind == "heads"]
     assert all(t.size == TINY["sd1"]["attention_head_dim"] for t in heads)
+
+
+@pytest.mark.parametrize("ratio", ["auto", 0.1, 0.3])
+def test_aligned_widths_pad_with_zero_gated_units(sd1, ratio):
+    """align=8: every kept width is a multiple of 8 (or the dense width); the units added back are the most open
+    of the removed ones and carry gate 0, so the slim model computes what the exact plan's gates say."""
+    unet, ms = sd1
+    plan = make_plan(unet, ms, ratio, REF, with_flops=False, align=8)
+    exact = make_plan(unet, ms, ratio, REF, with_flops=False, align=1)
+    assert plan.align == 8 and exact.align == 1
+    head_dim = {f"{p}/heads": m.to_q.out_features // m.heads for p, m in unet.named_modules() if hasattr(m, "heads")}
+    for t in plan.targets:
+        width = len(t.kept) * head_dim.get(t.key, 1)
+        assert len(t.kept) == t.size or width % 8 == 0, (t.key, len(t.kept), width)
+        logits = ms.logits[t.key]
+        zero = [i for i, g in zip(t.kept, t.gates, strict=True) if g == 0.0]
+        gone = [i for i in range(t.size) if i not in t.kept]
+        if zero and gone:  # padding takes the removed units with the largest M
+            assert min(float(logits[i]) for i in zero) >= max(float(logits[i]) for i in gone)
+    if ratio == "auto":  # same effective gates as the exact plan: alignment changes no number
+        eff, eff_exact = plan.effective_gates(), exact.effective_gates()
+        assert all(torch.equal(eff[k], eff_exact[k]) for k in eff)
+        assert plan.params_after > exact.params_after  # the zero-gated padding costs parameters
+    else:
+        assert plan.ratio_achieved >= ratio
+        assert any(len(t.kept) % 8 for t in exact.targets)  # the exact plan had unaligned widths to round
+
+
+def test_align_round_trip_and_old_plans_keep_their_digest(sd1, tmp_path):
+    unet, ms = sd1
+    exact = make_plan(unet, ms, 0.1, REF, with_flops=False, align=1)
+    assert "align" not in exact.to_dict()  # a plan cut before alignment existed hashes as it did
+    aligned = make_plan(unet, ms, 0.1, REF, with_flops=False, align=16)
+    back = PruningPlan.load(aligned.save(tmp_path / "p.json"))
+    assert back.align == 16 and back == aligned and back.digest() == aligned.digest()
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(PlanError, match="align"):
+            make_plan(unet, ms, 0.1, REF, with_flops=False, align=bad)

@@ -171,3 +171,24 @@ def test_slim_unet_exports_to_onnx_and_matches(tmp_path):
     with torch.no_grad():
         ref = slim(*args).sample
     assert abs(out - ref.numpy()).max() <= 1e-4
+
+
+def test_aligned_plan_keeps_parity_and_drops_needless_gathers():
+    """An aligned plan still gives slim == gated; a norm that keeps every channel stays a plain LayerNorm."""
+    from uniforget.flops import reference_inputs
+    from uniforget.prune import require_parity
+
+    unet = build_unet(TINY["sd1"], seed=0)
+    g = torch.Generator().manual_seed(3)
+    logits = {t.key: torch.randn(t.size, generator=g) for t in discover_targets(unet)}
+    norm_key = next(k for k in logits if k.endswith("/norm"))
+    logits[norm_key] = torch.full_like(logits[norm_key], 3.0)
+    logits[norm_key][:3] = -3.0  # 3 of 32 channels closed: align 8 rounds 29 kept back up to 32
+    ms = MaskSet(logits, model_fingerprint(unet))
+    ref = ReferenceShape(1, 8, 8, 7)
+    for align in (1, 8):
+        plan = make_plan(unet, ms, "auto", ref, with_flops=False, align=align)
+        slim = prune_unet(unet, plan)
+        norm = slim.get_submodule(norm_key.rsplit("/", 1)[0])
+        assert isinstance(norm, SlimLayerNorm) == (align == 1), (align, type(norm).__name__)
+        assert require_parity(check_parity(unet, slim, plan, reference_inputs(unet, ref), atol=1e-5))
