@@ -4,8 +4,8 @@
         [--steps 200] [--lr 1e-4] [--batch 8] [--sampler-steps 8] [--checkpoint-every 50] [--resume]
         [--device cpu] [--precision fp32|bf16]
 
-The original model is the teacher: the slim UNet learns its noise predictions along the teacher's own
-sampling trajectories (no images needed). The output is a slim UNet folder with the same plan and shapes plus
+The original model is the teacher: the slim UNet learns to reproduce its N-step samples on neutral prompts
+(default), or its noise predictions along its trajectories (--objective noise, cheaper; no images needed). The output is a slim UNet folder with the same plan and shapes plus
 uniforget_retrain.json (options, prompts digest, loss, neutral drift before/after on held-out prompts).
 Export it with `uniforget export`, which checks the retrained UNet against ONNX Runtime. Data-parallel:
 
@@ -36,7 +36,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay")
     p.add_argument("--batch", type=int, default=d.batch, help="trajectories per step (global, across processes)")
     p.add_argument("--sampler-steps", type=int, default=d.sampler_steps,
-                   help="N: steps of the teacher trajectory the training states come from")
+                   help="N: sampler steps of the trajectory (the noise objective draws its states from it)")
     p.add_argument("--guidance-scale", type=float, default=None,
                    help=f"teacher trajectory guidance (default: the model's own, else {d.guidance_scale})")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision,

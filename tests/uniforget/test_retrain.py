@@ -149,7 +149,7 @@ def test_resume_equals_uninterrupted(pipe, cond, slim, tmp_path):
 def test_student_moves_towards_teacher(pipe, cond, slim):
     """On fixed held-out draws the normalized noise-prediction error and the final-latent drift both shrink."""
     _, s = slim
-    cfg = RetrainConfig(steps=20, batch=4, lr=1e-4, sampler_steps=4, guidance_scale=3.0, seed=1)
+    cfg = RetrainConfig(steps=20, batch=4, lr=1e-4, sampler_steps=4, guidance_scale=3.0, seed=1, objective="noise")
     held, train = [0, 4], [1, 2, 3, 5, 6, 7]
     gen = torch.Generator().manual_seed(99)
     idx = torch.tensor([0, 1] * 4)
