@@ -3,7 +3,7 @@
 Why a module of its own: the numbers are produced by many stages (parity gates, plan, evaluation, benchmark);
 the report only arranges them. Images: before/after grids of the memorized captions and of the neutral
 prompts, same prompts and seeds on both sides (rows = prompts, columns = seeds), so a reader sees at a glance
-that the planted copies are gone and the neutral scenes are not. The latency chart comes from `bench.plot`.
+that the planted copies are gone and the neutral scenes are not. Drawing lives in `figures` (shared with bench).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .figures import latency_chart, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -156,17 +158,6 @@ def before_after_figure(before: np.ndarray, after: np.ndarray, row_labels: Seque
     return save_figure(fig, path)
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure as PNG under a temporary name, rename it into place, and close the figure."""
-    import matplotlib.pyplot as plt
-
-    tmp = path.with_name(path.stem + ".partial.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
 # ------------------------------------------------------------------------------------------------ markdown
 
 
@@ -299,19 +290,29 @@ def to_markdown(data: ReportData, images: dict[str, str], chart: str | None) -> 
     L += _table(["", "original", "slim", "change"], rows)
 
     if data.bench is not None:
+        from .bench import ratio_sentence
+
         b = data.bench
         L += ["## Latency (one UNet call)", "",
               f"{b.device_name}; batch {b.shape['batch']}, latent {b.shape['height']}x{b.shape['width']}, "
-              f"{b.shape['seq_len']} text tokens; p50 (p95) over {b.options.runs} runs after {b.options.warmup} "
-              "warm-up calls.", ""]
+              f"{b.shape['seq_len']} text tokens. Dense and slim are called alternately (ABBA order, after "
+              f"{b.options.warmup} warm-up calls each), {b.options.runs} to {b.options.round_limit} rounds; the "
+              "ratio is the median of the per-round slim/dense ratios with a 95% bootstrap interval. A ratio whose "
+              "interval contains 1 is within noise: no speed difference is claimed.", ""]
         rows = []
         for r in b.rows():
             def ms(a: Any, c: Any) -> str:
                 return "–" if a is None else f"{a:.2f} ({c:.2f})"
 
+            interval = "–" if r["latency_ratio"] is None else \
+                f"{r['latency_ratio']:.3f} [{r['ratio_low']:.3f}, {r['ratio_high']:.3f}]"
             rows.append([r["runtime"], ms(r["dense_p50_ms"], r["dense_p95_ms"]), ms(r["slim_p50_ms"], r["slim_p95_ms"]),
-                         _num(r["latency_ratio"]), _num(r["flop_ratio"]), r["status"] if r["status"] != "ok" else ""])
-        L += _table(["runtime", "dense ms", "slim ms", "slim/dense latency", "slim/dense FLOPs", "note"], rows)
+                         interval, r["verdict"] or "–", _num(r["flop_ratio"]),
+                         r["status"] if r["status"] != "ok" else ""])
+        L += _table(["runtime", "dense p50 (p95) ms", "slim p50 (p95) ms", "slim/dense latency [95% interval]",
+                     "reading", "slim/dense FLOPs", "note"], rows)
+        L += [f"- {ratio_sentence(r, b.options.confidence)}" for r in b.rows() if r["latency_ratio"] is not None]
+        L += [""]
         if chart:
             L += [f"![latency]({chart})", ""]
 
@@ -354,9 +355,7 @@ def write_report(data: ReportData, out_dir: str | os.PathLike) -> dict[str, Path
             images["neutral"] = "images/neutral.png"
     chart = None
     if data.bench is not None and any(t.ok for t in data.bench.timings):
-        from .bench import plot
-
-        written["latency_chart"] = plot([data.bench], out / "latency.png",
+        written["latency_chart"] = latency_chart([data.bench], out / "latency.png",
                                         f"UNet latency, dense vs slim\n{data.bench.device_name}")
         chart = "latency.png"
     payload = to_json(data)

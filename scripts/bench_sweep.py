@@ -26,9 +26,18 @@ from exporter.bench import (
     bench_pair,
     format_table,
     plot,
-    random_slim,
     write_json,
 )
+
+
+def random_slim(unet, ratio: float, seed: int = 0, align: int = 8):
+    """(slim, plan): `ratio` of the parameters removed by random gate scores (uniforget.masks.random_maskset)."""
+    from uniforget.masks import random_maskset
+    from uniforget.plan import make_plan
+    from uniforget.prune import prune_unet
+
+    plan = make_plan(unet, random_maskset(unet, seed), ratio, with_flops=False, align=align)
+    return prune_unet(unet, plan), plan
 
 
 def load_models(model: str, slim: Path | None, ratio: float, seed: int):

@@ -20,7 +20,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.bench import BenchOptions, bench_pair, format_table, plot, random_slim, write_json  # noqa: E402
+from exporter.bench import BenchOptions, bench_pair, format_table, plot, write_json  # noqa: E402
+
+
+def random_slim(unet, ratio: float, seed: int = 0, align: int = 8):
+    """(slim, plan): `ratio` of the parameters removed by random gate scores (uniforget.masks.random_maskset)."""
+    from uniforget.masks import random_maskset
+    from uniforget.plan import make_plan
+    from uniforget.prune import prune_unet
+
+    plan = make_plan(unet, random_maskset(unet, seed), ratio, with_flops=False, align=align)
+    return prune_unet(unet, plan), plan
 
 
 def toy_pair(ratio: float):

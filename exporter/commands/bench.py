@@ -1,4 +1,5 @@
-"""`uniforget bench`: latency of the dense vs the slim UNet across runtimes, as a table, JSON and a chart."""
+"""`uniforget bench`: latency of the dense vs the slim UNet across runtimes, interleaved, as a table, JSON and a
+chart; each ratio comes with its 95% interval and reads "within noise" when the interval contains 1."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench", help="latency of dense vs slim UNet (torch eager, CUDA graph, torch.compile, ONNX Runtime, TensorRT)",
         description="Times the model's dense UNet and a slim UNet (from an export folder or a slim-UNet folder) under "
-                    "each runtime: p50/p95 over >= 20 runs after warm-up, with the FLOP ratio beside the latency ratio.")
+                    "each runtime, calling the two alternately (>= 20 rounds, more until the ratio's 95% interval "
+                    "is narrow enough): the median paired ratio with its interval, the FLOP ratio beside it.")
     p.add_argument("--model", default="toy", help="the dense model: 'toy' or a diffusers pipeline folder")
     p.add_argument("--slim", type=Path, required=True,
                    help="an uniforget-export output folder (engines/NAME) or a slim UNet folder (uniforget_plan.json)")
@@ -23,7 +25,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=int, default=None, help="latent height = width (default: the UNet's sample_size)")
     p.add_argument("--seq-len", type=int, default=77)
-    p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--runs", type=int, default=20, help="least interleaved rounds (one call of each model per round)")
+    p.add_argument("--max-runs", type=int, default=None, help="most rounds (default 3 x --runs)")
+    p.add_argument("--ci", type=float, default=0.02,
+                   help="stop adding rounds once the ratio's 95%% interval is within +- this (default 0.02)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", type=Path, default=None, help="write results here (default: print only)")
     p.add_argument("--chart", type=Path, default=None, help="write a latency chart PNG here")
@@ -33,8 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 # 7 columns that fit 80 terminal columns; model, shape and device go in the title, a skipped runtime's reason
 # below the table (a "note" column would squeeze every other one)
 BENCH_COLUMNS = (("runtime", "left"), ("dense p50 (p95) ms", "right"), ("slim p50 (p95) ms", "right"),
-                 ("latency slim / dense", "right"), ("FLOPs slim / dense", "right"),
-                 ("dense vs eager", "right"), ("setup s (dense)", "right"))
+                 ("latency slim / dense", "right"), ("95% interval", "right"), ("reading", "left"),
+                 ("FLOPs slim / dense", "right"))
 
 
 def bench_table(res: Any) -> Any:
@@ -51,8 +56,9 @@ def bench_table(res: Any) -> Any:
         return "-" if x is None else f"{x:.3f}"
 
     rows = [(row["runtime"], ms(row["dense_p50_ms"], row["dense_p95_ms"]), ms(row["slim_p50_ms"], row["slim_p95_ms"]),
-             r(row["latency_ratio"]), r(row["flop_ratio"]), r(row["dense_vs_eager"]),
-             "-" if row["dense_setup_s"] is None else f"{row['dense_setup_s']:.1f}") for row in res.rows()]
+             r(row["latency_ratio"]),
+             "-" if row["ratio_low"] is None else f"{row['ratio_low']:.3f}-{row['ratio_high']:.3f}",
+             row["verdict"] or "-", r(row["flop_ratio"])) for row in res.rows()]
     s = res.shape
     return fitted_table(BENCH_COLUMNS, rows, title=f"uniforget bench: {res.label}, batch {s['batch']} "
                         f"{s['height']}x{s['width']}, {res.device_name}")
@@ -68,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
 
     from exporter.bench import CPU_DEFAULT, GPU_DEFAULT, BenchOptions, bench_pair, plot, write_json
     from exporter.errors import ExportError
-    from exporter.onnx_export import load_unet
     from uniforget.plan import load_source_unet
 
     slim_dir = args.slim / "unet" if (args.slim / "unet" / "uniforget_plan.json").is_file() else args.slim
@@ -77,15 +82,20 @@ def run(args: argparse.Namespace) -> int:
     runtimes = tuple(r.strip() for r in args.runtimes.split(",")) if args.runtimes else (
         GPU_DEFAULT if args.device == "cuda" else CPU_DEFAULT)
     opts = BenchOptions(runtimes=runtimes, batch=args.batch, height=args.size, width=args.size,
-                        seq_len=args.seq_len, runs=args.runs, warmup=args.warmup, device=args.device, fp16=args.fp16)
+                        seq_len=args.seq_len, runs=args.runs, max_runs=args.max_runs, ci_halfwidth=args.ci,
+                        warmup=args.warmup, device=args.device, fp16=args.fp16)
     dense = load_source_unet(args.model)
-    slim = load_unet(slim_dir)
     trt = {"slim": args.slim / "trt" / "unet.plan"} if (args.slim / "trt" / "unet.plan").is_file() else None
-    res = bench_pair(dense, slim, opts, label=str(args.model), trt=trt)
+    res = bench_pair(dense, slim_dir, opts, label=str(args.model), trt=trt)
     console = Console()
     console.print(bench_table(res))
     for line in bench_notes(res):
         console.print(line, highlight=False)
+    from exporter.bench import ratio_sentence
+
+    for row in res.rows():
+        if row["latency_ratio"] is not None:
+            console.print(ratio_sentence(row, opts.confidence), highlight=False, soft_wrap=True)
     if args.json:
         write_json([res], args.json)
     if args.chart:

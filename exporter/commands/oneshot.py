@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "else one is learned")
     p.add_argument("--ratio", type=_ratio, default=0.05,
                    help="fraction of UNet parameters to remove, or 'auto' (exactly the closed gates); default 0.05")
+    p.add_argument("--align", type=int, default=8,
+                   help="round each module's kept width up to a multiple of this (zero-gated units fill it; "
+                        "1 = exact widths); default 8")
+    p.add_argument("--no-ort-optimize", action="store_true",
+                   help="leave the ONNX pipeline's UNet as exported (default: fused by ONNX Runtime's transformer "
+                        "optimizer, gated against torch again; onnx/unet.onnx, the TensorRT input, is never fused)")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT and a GPU)")
     p.add_argument("--fp16", action="store_true", help="TensorRT engine in fp16 (with --trt)")
     p.add_argument("--out", type=Path, help="output folder (default engines/<model>-<beta>-r<ratio>)")
@@ -129,7 +135,9 @@ def options_from_args(args: argparse.Namespace):
     from exporter.oneshot import ExportOptions, Tolerances, ValidationSize, python_command
 
     return ExportOptions(
-        model=args.model, masks=args.masks, beta=args.beta, ratio=args.ratio, trt=args.trt, fp16=args.fp16,
+        model=args.model, masks=args.masks, beta=args.beta, ratio=args.ratio, align=args.align,
+        ort_optimize=not args.no_ort_optimize, trt=args.trt,
+        fp16=args.fp16,
         out=args.out, force=args.force, validate=not args.no_validate, learn_steps=args.learn_steps,
         eval_spec=args.eval_spec, eval_prompts=args.eval_prompts, retrain_steps=args.retrain_steps,
         progress=not args.quiet,
@@ -203,7 +211,8 @@ def summary_table(res: Any) -> Any:
         for row in res.bench.rows():
             if row["latency_ratio"] is not None:
                 rows.append((f"latency {row['runtime']} (p50 ms)",
-                             f"{row['dense_p50_ms']:.1f} -> {row['slim_p50_ms']:.1f} (x{row['latency_ratio']:.2f})"))
+                             f"{row['dense_p50_ms']:.1f} -> {row['slim_p50_ms']:.1f} (x{row['latency_ratio']:.2f} "
+                             f"[{row['ratio_low']:.2f}, {row['ratio_high']:.2f}], {row['verdict']})"))
     rows.append(("wall time", f"{res.wall_seconds:.0f} s"))
     return fitted_table(("measure", ("value", "right")), rows, title=f"uniforget-export: {res.out}")
 

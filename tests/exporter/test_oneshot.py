@@ -81,6 +81,15 @@ def test_report_numbers(finished):
     md = (out / "report" / "report.md").read_text()
     for needle in ("memorized copy rate", "Parity gates", "images/memorized.png", "latency.png", "slim/dense"):
         assert needle in md
+    assert "ONNX pipeline unet (ORT-optimized) == torch" in gates
+    for row in lat["rows"]:  # every ratio has its interval; the report claims nothing the interval does not hold
+        if row["latency_ratio"] is None:
+            continue
+        assert row["ratio_low"] <= row["latency_ratio"] <= row["ratio_high"]
+        within = row["ratio_low"] <= 1.0 <= row["ratio_high"]
+        assert (row["verdict"] == "within noise") == within
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"- {row['runtime']}: slim/dense"))
+        assert ("within noise" in line) == within and (("faster" in line or "slower" in line) != within)
     assert [s["name"] for s in rep["stages"]][:5] == ["load model", "masks", "plan", "slim UNet", "retrain"]
 
 
@@ -212,6 +221,9 @@ def test_preflight_refusals(tiny_model_dir, tmp_path):
         oneshot.preflight(replace(base, beta=ok))
     with pytest.raises(ExportError, match="--retrain-steps"):
         oneshot.preflight(replace(base, retrain_steps=-1))
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ExportError, match="--align"):
+            oneshot.preflight(replace(base, align=bad))
     with pytest.raises(ExportError, match="--eval-prompts"):
         oneshot.preflight(replace(base, eval_prompts=tmp_path / "none.json"))
     assert not (tmp_path / "o").exists()
