@@ -179,3 +179,19 @@ def test_bench_and_report_do_not_import_each_other():
     src = (ROOT / "exporter" / "bench.py").read_text() + (ROOT / "exporter" / "report.py").read_text()
     assert "from .report import" not in src and "from .bench import plot" not in src
     assert "make_plan" not in (ROOT / "exporter" / "bench.py").read_text()  # bench consumes slim UNets only
+
+
+def test_sd15_cpu_script_runs_on_a_tiny_geometry(tmp_path):
+    """scripts/bench_sd15_cpu.py end to end on TINY['sd1'] (the README's Speed table comes from its SD1.5 run)."""
+    spec = importlib.util.spec_from_file_location("bench_sd15_cpu", ROOT / "scripts" / "bench_sd15_cpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "b.json"
+    assert mod.main(["--geometry", "tiny", "--size", "8", "--ratios", "0.15", "--no-optimizer", "--max-runs", "20",
+                     "--threads", "1", "--work", str(tmp_path / "w"), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {(r["align"], r["ort_optimizer"]): r for r in data["rows"]}
+    assert set(rows) == {(8, False), (1, False)}  # aligned, and the unaligned ablation at the same ratio
+    for r in rows.values():
+        assert r["ratio_low"] <= r["latency_ratio"] <= r["ratio_high"] and 0 < r["flop_ratio"] < 1
+        assert r["ratio_achieved"] >= 0.15 and len(r["samples"]["dense"]) == r["rounds"] >= 20
