@@ -370,6 +370,9 @@ def _export_module(module: Any, args: tuple, spec: OnnxModelSpec, out_path: Path
         # move into place: data first, the model file last (its presence means the export completed)
         data_path = out_path.parent / data_name if external else None
         if data_path is not None:
+            # onnx creates the data file 0600; a server running as another user (Triton's container) could
+            # not read the weights its model file points at: give it the model file's (umask) permissions
+            os.chmod(final_tmp / data_name, model_file.stat().st_mode & 0o777)
             os.replace(final_tmp / data_name, data_path)
         elif (out_path.parent / data_name).exists():
             (out_path.parent / data_name).unlink()  # stale data from an earlier external export

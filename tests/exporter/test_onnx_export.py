@@ -103,6 +103,14 @@ def test_forced_external_data(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet.onnx", "unet.onnx_data"]
 
 
+def test_external_data_is_as_readable_as_the_model_file(tmp_path):
+    """onnx writes the data file 0600: a server under another user would load a graph without its weights."""
+    res = export_unet(build_unet(TINY["sd1"]), tmp_path / "unet.onnx",
+                      OnnxExportOptions(external_data=True, symbolic_shapes=False, fold_constants=False))
+    mode = res.path.stat().st_mode & 0o777
+    assert res.external_data_path.stat().st_mode & 0o777 == mode
+
+
 def test_fp16(tmp_path):
     unet = build_unet(TINY["sd1"])
     res = export_unet(unet, tmp_path / "unet16.onnx", OnnxExportOptions(fp16=True, symbolic_shapes=False))
