@@ -12,8 +12,9 @@ protobuf's 2 GB limit, so external data, the ONNX pipeline and the Triton reposi
    (uniforget.single_file) and checked tensor for tensor against what was written.
 2. The loaded pipeline is saved as a diffusers folder whose UNet config has `sample_size` = `--size` (8: 64 px
    images). Only the latent size the one-shot learns, checks and generates at changes; every weight shape is
-   SD1.5's. At the native 64x64 latent one mask-learning step (batch 8, 6 sampler steps, CFG, backward) is
-   about an hour on one core, which is why the folder and not the file goes through the one-shot here.
+   SD1.5's. At the native 64x64 latent one mask-learning step (batch 8, 6 sampler steps, CFG, backward) would
+   take an estimated several hours on one core (2 steps at 8x8 took ~20 min), which is why the folder and not
+   the file goes through the one-shot here.
 3. `uniforget-export` runs on it as a subprocess (a few learning steps, a fixed beta, small validation, suspect
    captions without reference images), with its resident memory sampled every 0.5 s.
 4. Checks: every stage ran, every parity gate passed, onnx/unet.onnx has external data and is > 2 GB, the ONNX
