@@ -12,7 +12,13 @@ from .errors import ExportError
 
 
 def publish_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished `tmp` folder to `out`; an existing `out` is swapped out first, then removed."""
+    """Rename the finished `tmp` folder to `out`; an existing `out` is swapped out first, then removed.
+
+    `tmp` comes from mkdtemp (0700): it gets the permissions of a folder made with mkdir, so a server running
+    as another user (Triton's container) can read the published files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
