@@ -208,6 +208,10 @@ def check(out: Path, tiny: bool) -> tuple[dict, list[str]]:
     for loc in locations:  # the repository's UNet must carry its weights along
         if not (triton / "unet_onnx" / "1" / loc).is_file():
             fails.append(f"triton/unet_onnx/1/{loc} missing")
+    if not os.umask(os.umask(0)) & 0o004:  # a server under another user must read every file and folder
+        closed = [str(p.relative_to(out)) for p in [out, *triton.rglob("*")] if not p.stat().st_mode & 0o004]
+        if closed:
+            fails.append(f"not readable by other users: {closed[:3]} ({len(closed)} in all)")
     schema = not any("schema check skipped" in n for n in rep.get("notes", ()))
     from exporter.triton_repo import validate_repository
 
