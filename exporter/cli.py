@@ -70,10 +70,27 @@ def _not_available(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def add_single_file_options(p: argparse.ArgumentParser) -> None:
+    """Overrides for single-file checkpoints (the shipped configs are the default): every stage sees them."""
+    p.add_argument("--model-config", metavar="DIR", default=None,
+                   help="diffusers pipeline folder whose configs a single-file --model loads with "
+                        "(default: the configs shipped for its detected family)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="a single-file SD2.x model's prediction type when its file name cannot tell")
+
+
+def apply_single_file_options(args: argparse.Namespace) -> None:
+    if getattr(args, "model_config", None) or getattr(args, "prediction_type", None):
+        from uniforget.models import set_single_file_defaults
+
+        set_single_file_defaults(args.model_config, args.prediction_type)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog="uniforget", description="UniForget stages, one at a time.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    add_single_file_options(p)
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name in STAGES:
         mod = _load_stage(name)
@@ -99,6 +116,7 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
+        apply_single_file_options(args)
         return int(func(args) or 0)
     except UniforgetError as e:
         print(f"error: {e}", file=sys.stderr)

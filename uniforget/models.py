@@ -41,6 +41,24 @@ def _check_unet(pipe: Any, source: str) -> Any:
     return pipe
 
 
+_SINGLE_FILE_DEFAULTS: dict[str, Any] = {}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def set_single_file_defaults(config: str | os.PathLike | None = None, prediction_type: str | None = None) -> None:
+    """What the CLIs' `--model-config DIR` / `--prediction-type` set for every single-file load of the run
+    (every stage loads the model itself, so one option reaches them all). Checked here, before heavy work."""
+    if config is not None:
+        c = Path(config)
+        if not (c / "model_index.json").is_file() and not (c / "unet" / "config.json").is_file():
+            raise ModelLoadError(f"--model-config {config}: not a diffusers pipeline folder (no model_index.json)")
+        _SINGLE_FILE_DEFAULTS["config"] = c
+    if prediction_type is not None:
+        if prediction_type not in PREDICTION_TYPES:
+            raise ModelLoadError(f"--prediction-type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        _SINGLE_FILE_DEFAULTS["prediction_type"] = prediction_type
+
+
 def load_pipeline(model: str | os.PathLike | None = "toy", *, allow_pickle: bool = False,
                   config: str | os.PathLike | None = None, torch_dtype: Any = None,
                   prediction_type: str | None = None) -> Any:
@@ -55,6 +73,8 @@ def load_pipeline(model: str | os.PathLike | None = "toy", *, allow_pickle: bool
                              "checkpoint, or 'toy')")
     if path.is_dir():
         return _load_folder(path, torch_dtype)
+    config = config if config is not None else _SINGLE_FILE_DEFAULTS.get("config")
+    prediction_type = prediction_type or _SINGLE_FILE_DEFAULTS.get("prediction_type")
     return _load_single_file(path, allow_pickle=allow_pickle, config=config, torch_dtype=torch_dtype,
                              prediction_type=prediction_type)
 

@@ -26,7 +26,7 @@ def _norms(text: str) -> tuple[float, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from exporter.cli import OneLineErrorParser
+    from exporter.cli import OneLineErrorParser, add_single_file_options
 
     p = OneLineErrorParser(
         prog="uniforget-export",
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto (default: the strongest mask whose drift on held-out neutral prompts stays within "
                           "budget), weak, medium, strong, or a number; the model's shipped MaskSet for it is used, "
                           "else one is learned")
+    add_single_file_options(p)
     p.add_argument("--ratio", type=_ratio, default=0.05,
                    help="fraction of UNet parameters to remove, or 'auto' (exactly the closed gates); default 0.05")
     p.add_argument("--align", type=int, default=8,

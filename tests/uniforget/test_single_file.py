@@ -250,3 +250,34 @@ def test_shipped_configs_get_the_shipped_tokenizers(config, family, pads):
     toks = _tokenizers(CONFIGS / config, family)
     assert {k: t.pad_token for k, t in toks.items()} == pads
     assert all(len(t) == 49408 and t.model_max_length == 77 for t in toks.values())
+
+
+@pytest.fixture
+def clean_defaults():
+    from uniforget import models
+
+    models._SINGLE_FILE_DEFAULTS.clear()
+    yield
+    models._SINGLE_FILE_DEFAULTS.clear()
+
+
+def test_cli_model_config_reaches_every_stage(tiny, tmp_path, capsys, clean_defaults):
+    """`--model-config DIR` (a top-level option) makes a stage load the file with that folder's configs: the
+    tiny file does not fit the shipped full-size configs, so without it the same command is refused."""
+    from exporter.cli import main
+    from uniforget.fingerprint import model_fingerprint
+    from uniforget.masks import MaskSet
+    from uniforget.targets import discover_targets
+
+    pipe, root, f = tiny["sd1"]
+    masks = MaskSet({t.key: torch.ones(t.size) for t in discover_targets(pipe.unet)},
+                    model_fingerprint(pipe.unet)).save(tmp_path / "m.safetensors")
+    cmd = ["prune", "--model", str(f), "--masks", str(masks), "--ratio", "0"]
+    assert main(["-q", *cmd, "--out", str(tmp_path / "a")]) == 2
+    capsys.readouterr()
+    assert main(["-q", "--model-config", str(root / "sd1"), *cmd, "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b").is_dir()
+    capsys.readouterr()
+    assert main(["-q", "--model-config", str(tmp_path), *cmd, "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a diffusers pipeline folder" in err[0] and not (tmp_path / "c").exists()
