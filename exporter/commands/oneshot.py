@@ -47,9 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", type=int, default=8,
                    help="round each module's kept width up to a multiple of this (zero-gated units fill it; "
                         "1 = exact widths); default 8")
-    p.add_argument("--no-ort-optimize", action="store_true",
-                   help="leave the ONNX pipeline's UNet as exported (default: fused by ONNX Runtime's transformer "
-                        "optimizer, gated against torch again; onnx/unet.onnx, the TensorRT input, is never fused)")
+    p.add_argument("--ort-optimize", action="store_true",
+                   help="fuse the ONNX pipeline's UNet with ONNX Runtime's transformer optimizer (CPU fusions), gated "
+                        "against torch again; off by default (no measured CPU gain); onnx/unet.onnx is never fused")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT and a GPU)")
     p.add_argument("--fp16", action="store_true", help="TensorRT engine in fp16 (with --trt)")
     p.add_argument("--out", type=Path, help="output folder (default engines/<model>-<beta>-r<ratio>)")
@@ -137,7 +137,7 @@ def options_from_args(args: argparse.Namespace):
 
     return ExportOptions(
         model=args.model, masks=args.masks, beta=args.beta, ratio=args.ratio, align=args.align,
-        ort_optimize=not args.no_ort_optimize, trt=args.trt,
+        ort_optimize=args.ort_optimize, trt=args.trt,
         fp16=args.fp16,
         out=args.out, force=args.force, validate=not args.no_validate, learn_steps=args.learn_steps,
         eval_spec=args.eval_spec, eval_prompts=args.eval_prompts, retrain_steps=args.retrain_steps,

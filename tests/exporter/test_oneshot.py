@@ -46,7 +46,8 @@ def finished(tiny_model_dir, tiny_masks, tiny_eval_data, fast_size, tmp_path_fac
     for name in ("random", "shuffled"):
         shutil.copyfile(tiny_masks, work / f"m.control-{name}.safetensors")
     out = work / "tiny"
-    res = run_export(_opts(tiny_model_dir, masks, out, fast_size, eval_data=tiny_eval_data, retrain_steps=2))
+    res = run_export(_opts(tiny_model_dir, masks, out, fast_size, eval_data=tiny_eval_data, retrain_steps=2,
+                           ort_optimize=True))  # off by default; the fused graph must pass its own gate
     return out, res
 
 
