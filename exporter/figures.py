@@ -74,9 +74,9 @@ def latency_chart(results: Sequence[Any], path: str | os.PathLike,
                        matplotlib.patches.Patch(color=SLIM_COLOUR, label="slim")], fontsize=7, loc="lower right")
     ax.margins(y=0.25)
     ax.set_ylim(bottom=0)
-    fig.text(0.01, 0.01, "interleaved calls; box: quartiles, whiskers: 5th-95th percentile; ratio: median of "
+    fig.text(0.01, 0.01, "interleaved calls; box: quartiles, whiskers: 5th-95th percentile\nratio: median of "
              "paired per-round ratios [95% bootstrap interval]", fontsize=5.5, color="#555555")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return save_figure(fig, path)
 
 
