@@ -65,7 +65,8 @@ def judge_within(original: Any, after: Any) -> bool | None:
 
 
 def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None, what: str = "the slim model",
-           next_step: str = "learn stronger masks (--beta strong, or a larger --budget with --beta auto)") -> Verdict:
+           next_step: str = "learn stronger masks (--beta strong, or a larger --budget with --beta auto), then a "
+                                "brief retrain (--retrain-steps 100) checked on held-out neutral drift") -> Verdict:
     """The verdict for `after` (an Evaluation) against `original`, with control Evaluations at matched drift."""
     controls = dict(controls or {})
     if not _ok(original.memorized.copy_rate):
@@ -83,7 +84,7 @@ def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None,
         f", neutral judge {original.judge_accuracy:.1%} -> {after.judge_accuracy:.1%}"
         + ("" if judge else " (more than 2 standard errors lower)"))
     ctrl_txt = ("; controls at matched neutral drift: " + ", ".join(
-        f"{k} {controls[k].memorized.copy_rate:.0%} ({v:+.0%})" for k, v in ctrl.items())) if ctrl else \
+        f"{k} {controls[k].memorized.copy_rate:.0%} ({-v:+.0%})" for k, v in ctrl.items())) if ctrl else \
         "; no controls were run"
     nums = f"strict copies {before:.0%} -> {now:.0%} ({-red:+.0%}), planted image nearest {original.memorized.nn_identity:.0%} -> " \
            f"{after.memorized.nn_identity:.0%}{judge_txt}"
