@@ -391,13 +391,21 @@ class DriftMeter:
 
     @torch.no_grad()
     def __call__(self, gates: dict[str, GateSource] | None) -> dict[str, float]:
+        if not gates:
+            return self.of(None)
+        with attach_gates(self.unet, gates):
+            return self.of(self.unet)
+
+    @torch.no_grad()
+    def of(self, unet: Any) -> dict[str, float]:
+        """Drift of `unet` (any module taking the original's inputs; None = the original itself, drift 0) on
+        the cached prompts and z0: the gated original here, a retrained slim UNet in retrain.NeutralDrift."""
         sq, ref_sq, n = 0.0, 0.0, 0
         for c, z0, ref in self.batches:
-            if gates:
-                with attach_gates(self.unet, gates):
-                    out = sample(self.unet, self.scheduler, z0, c, self.cfg)
-                sq += float((out - ref).pow(2).sum())
-            ref_sq += float(ref.pow(2).sum())
+            if unet is not None:
+                out = sample(unet, self.scheduler, z0, c, self.cfg)
+                sq += float((out.float() - ref.float()).pow(2).sum())
+            ref_sq += float(ref.float().pow(2).sum())
             n += ref.numel()
         return {"mse": sq / n, "rel": math.sqrt(sq / max(ref_sq, 1e-30))}
 

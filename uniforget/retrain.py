@@ -54,6 +54,7 @@ from . import __version__
 from .checkpoint import read_state, restore_state, write_state
 from .errors import UniforgetError
 from .fingerprint import model_fingerprint
+from .learn import DriftMeter
 from .sampler import (
     Conditioning,
     SamplerConfig,
@@ -449,35 +450,16 @@ def retrain_unet(student: nn.Module, teacher: nn.Module, scheduler: Any, cond: C
 # ---------------------------------------------------------------------------------------------- measuring
 
 
-class NeutralDrift:
-    """Final-latent drift of a UNet from the teacher on fixed prompts and z0 (the teacher sampled once).
+class NeutralDrift(DriftMeter):
+    """Final-latent drift of a UNet from the teacher on fixed prompts and z0 (the teacher sampled once):
+    learn.DriftMeter's measure, called with the UNet to score instead of gates on the teacher.
 
-    `mse`: mean squared final-latent difference (the mask-learning loss's first term, as learn.DriftMeter);
+    `mse`: mean squared final-latent difference (the mask-learning loss's first term);
     `rel`: RMS difference / RMS of the teacher's latents.
     """
 
-    @torch.no_grad()
-    def __init__(self, teacher: nn.Module, scheduler: Any, cond: Conditioning, sampler_cfg: SamplerConfig, *,
-                 seed: int = 1234, batch: int = 8, height: int | None = None, width: int | None = None):
-        self.scheduler, self.cfg = scheduler, sampler_cfg
-        device = next(teacher.parameters()).device
-        gen = torch.Generator().manual_seed(seed)
-        z_all = torch.randn(latent_shape(teacher, len(cond), height, width), generator=gen)
-        self.batches = []
-        for lo in range(0, len(cond), batch):
-            idx = list(range(lo, min(lo + batch, len(cond))))
-            c, z0 = cond.select(idx).to(device), z_all[idx].to(device)
-            self.batches.append((c, z0, sample(teacher, scheduler, z0, c, sampler_cfg)))
-
-    @torch.no_grad()
-    def __call__(self, unet: nn.Module) -> dict[str, float]:
-        sq, ref_sq, n = 0.0, 0.0, 0
-        for c, z0, ref in self.batches:
-            out = sample(unet, self.scheduler, z0, c, self.cfg)
-            sq += float((out.float() - ref.float()).pow(2).sum())
-            ref_sq += float(ref.float().pow(2).sum())
-            n += ref.numel()
-        return {"mse": sq / n, "rel": math.sqrt(sq / max(ref_sq, 1e-30))}
+    def __call__(self, unet: nn.Module) -> dict[str, float]:  # type: ignore[override]
+        return self.of(unet)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
