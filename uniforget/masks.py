@@ -92,6 +92,24 @@ class MaskSet:
         return ms
 
 
+def mixed_maskset(unet: torch.nn.Module, seed: int = 0) -> MaskSet:
+    """Gate parameters M ~ U(-0.45, 1.45) per unit, unit 0 of every target at -0.3 (closed).
+
+    Why: exactness checks (plan, prune, slim save/load, retrain) need closed, fractional and open gates in every
+    module at once; one definition keeps those tests on the same masks.
+    """
+    from .fingerprint import model_fingerprint
+    from .targets import discover_targets
+
+    g = torch.Generator().manual_seed(seed)
+    logits = {}
+    for t in discover_targets(unet):
+        m = torch.rand(t.size, generator=g) * 1.9 - 0.45
+        m[0] = -0.3
+        logits[t.key] = m
+    return MaskSet(logits, model_fingerprint(unet))
+
+
 def random_maskset(unet: torch.nn.Module, seed: int = 0, kinds: tuple[str, ...] | None = None) -> MaskSet:
     """Gate parameters drawn i.i.d. from N(0, 1) per unit (`kinds`: which targets; None = all).
 

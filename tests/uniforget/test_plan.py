@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from uniforget.errors import MaskSetError, PlanError
-from uniforget.fingerprint import model_fingerprint
 from uniforget.flops import ReferenceShape, param_count
 from uniforget.geometries import TINY, build_unet
-from uniforget.masks import MaskSet
+from uniforget.masks import MaskSet, mixed_maskset
 from uniforget.plan import PruningPlan, make_plan, parse_ratio
 from uniforget.prune import prune_unet
 from uniforget.targets import discover_targets
@@ -20,15 +19,7 @@ from uniforget.targets import discover_targets
 REF = ReferenceShape(batch=1, height=8, width=8, seq_len=7)
 
 
-def random_masks(unet, seed: int = 0) -> MaskSet:
-    """Gate parameters spread over closed / fractional / open; unit 0 of every target closed."""
-    g = torch.Generator().manual_seed(seed)
-    logits = {}
-    for t in discover_targets(unet):
-        m = torch.rand(t.size, generator=g) * 1.9 - 0.45  # M in (-0.45, 1.45)
-        m[0] = -0.3
-        logits[t.key] = m
-    return MaskSet(logits, model_fingerprint(unet))
+random_masks = mixed_maskset  # closed, fractional and open gates in every target
 
 
 @pytest.fixture(scope="module")

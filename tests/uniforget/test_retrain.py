@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from exporter.cli import main
-from uniforget.fingerprint import model_fingerprint
 from uniforget.flops import ReferenceShape
 from uniforget.geometries import TINY, build_unet, tiny_pipeline
-from uniforget.masks import MaskSet
+from uniforget.masks import mixed_maskset
 from uniforget.plan import make_plan
 from uniforget.prune import prune_unet
 from uniforget.retrain import (
@@ -32,7 +31,6 @@ from uniforget.retrain import (
 )
 from uniforget.sampler import encode_prompts, sample
 from uniforget.slim_io import PLAN_NAME, load_slim_unet, save_slim_unet
-from uniforget.targets import discover_targets
 
 PROMPTS = ["a red circle", "a blue square", "green triangle on white", "small yellow star", "two grey dots",
            "a big orange ring", "a purple cross on black", "three white dots"]
@@ -40,15 +38,7 @@ REF = ReferenceShape(batch=1, height=8, width=8, seq_len=7)
 FAST = RetrainConfig(steps=6, batch=2, lr=1e-4, sampler_steps=3, guidance_scale=3.0, seed=3)
 
 
-def random_masks(unet, seed: int = 0) -> MaskSet:
-    """Closed, fractional and open gates in every target (as test_slim_io / test_prune)."""
-    g = torch.Generator().manual_seed(seed)
-    logits = {}
-    for t in discover_targets(unet):
-        m = torch.rand(t.size, generator=g) * 1.9 - 0.45
-        m[0] = -0.3
-        logits[t.key] = m
-    return MaskSet(logits, model_fingerprint(unet))
+random_masks = mixed_maskset  # closed, fractional and open gates in every target
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,27 +9,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from uniforget.errors import PlanError
-from uniforget.fingerprint import model_fingerprint
 from uniforget.flops import ReferenceShape
 from uniforget.gating import attach_gates
 from uniforget.geometries import TINY, build_unet, example_inputs
-from uniforget.masks import MaskSet
+from uniforget.masks import mixed_maskset
 from uniforget.plan import make_plan
 from uniforget.prune import SlimLayerNorm, prune_unet
 from uniforget.slim_io import PLAN_NAME, WEIGHTS_NAME, load_slim_unet, save_slim_unet
-from uniforget.targets import discover_targets
 
 REF = ReferenceShape(batch=1, height=8, width=8, seq_len=7)
 
 
-def random_masks(unet, seed: int = 0) -> MaskSet:
-    g = torch.Generator().manual_seed(seed)
-    logits = {}
-    for t in discover_targets(unet):
-        m = torch.rand(t.size, generator=g) * 1.9 - 0.45
-        m[0] = -0.3
-        logits[t.key] = m
-    return MaskSet(logits, model_fingerprint(unet))
+random_masks = mixed_maskset  # closed, fractional and open gates in every target
 
 
 @pytest.fixture(scope="module", params=sorted(TINY))
