@@ -87,6 +87,7 @@ class ExportOptions:
     size: ValidationSize = ValidationSize()
     learn_steps: int = 300  # when no MaskSet is given or shipped
     retrain_steps: int = 0  # brief neutral retrain of the slim UNet after pruning (0 = off)
+    prompts: Path | None = None  # neutral prompts to learn and retrain from; None = uniforget.prompts' default
     eval_spec: Path | None = None  # dataset spec (toy format) with the memorized items; default: the toy's own
     eval_prompts: Path | None = None  # any model: JSON of neutral prompts + suspect captions (EvalData.from_file)
     eval_data: Any = field(default=None, compare=False, repr=False)  # a ready uniforget.evaluate.EvalData
@@ -258,6 +259,14 @@ def preflight(opts: ExportOptions) -> Path:
         raise ExportError(f"model not found: {model_path}{hint}")
     if opts.eval_spec is not None and not Path(opts.eval_spec).is_file():
         raise ExportError(f"--eval-spec file not found: {opts.eval_spec}")
+    if opts.prompts is not None:
+        from uniforget.errors import UniforgetError
+        from uniforget.prompts import read_prompt_file
+
+        try:
+            read_prompt_file(opts.prompts)
+        except UniforgetError as e:
+            raise ExportError(f"--prompts: {e}") from e
     if opts.eval_prompts is not None and not Path(opts.eval_prompts).is_file():
         raise ExportError(f"--eval-prompts file not found: {opts.eval_prompts}")
     return out
@@ -304,7 +313,7 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
         run.obs.start("masks: learning" + (" (--beta auto ladder)" if cal else ""), total=total)
         out = run.tmp / "masks.learned.safetensors"
         want_controls = opts.validate and opts.size.controls and _eval_data(run) is not None
-        req = LearnRequest(model=str(opts.model), out=out, config=cfg, checkpoint_every=0,
+        req = LearnRequest(model=str(opts.model), out=out, config=cfg, checkpoint_every=0, prompts_file=opts.prompts,
                            drift_prompts=16 if want_controls else 0, controls=want_controls, calibration=cal)
         res = run_learn(req, callback=lambda stats: run.obs.advance(1))
         run.masks = res.maskset
@@ -373,7 +382,7 @@ def stage_retrain(run: _Run) -> tuple[str, dict | None]:
     opts = run.opts
     guidance = model_guidance(opts.model)
     cfg = RetrainConfig(steps=opts.retrain_steps, **({"guidance_scale": guidance} if guidance is not None else {}))
-    prompts = load_prompts(None, model=str(opts.model))
+    prompts = load_prompts(opts.prompts, model=str(opts.model))
     cond = encode_prompts(run.pipe, prompts)
     run.pruned = copy.deepcopy(run.slim).eval()
     run.obs.start("retrain", total=cfg.steps)

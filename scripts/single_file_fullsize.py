@@ -52,6 +52,10 @@ def random_pipeline(config: str, dtype: torch.dtype, seed: int = 0) -> SimpleNam
         with torch.no_grad():
             for p in m.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            for name, b in m.named_buffers():  # to_empty left them uninitialized; CLIP's are its position ids
+                if not name.endswith("position_ids"):
+                    raise RuntimeError(f"{type(m).__name__}.{name}: no rule to initialize this buffer")
+                b.copy_(torch.arange(b.shape[-1]).expand_as(b))
     return SimpleNamespace(**parts)
 
 

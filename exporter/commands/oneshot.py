@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output folder (default engines/<model>-<beta>-r<ratio>)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--learn-steps", type=int, default=300, help="mask-learning steps when no MaskSet is found")
+    p.add_argument("--prompts", type=Path,
+                   help="neutral prompts to learn (and retrain) from, one per line (default: the toy's own "
+                        "training prompts for the toy, else the shipped generic list)")
     p.add_argument("--retrain-steps", type=int, default=0,
                    help="brief neutral retrain of the slim UNet against the original (default 0 = off)")
     v = p.add_argument_group("validation (defaults sized to keep the toy's run within ~10 min on 2 CPU cores)")
@@ -141,6 +144,7 @@ def options_from_args(args: argparse.Namespace):
         fp16=args.fp16,
         out=args.out, force=args.force, validate=not args.no_validate, learn_steps=args.learn_steps,
         eval_spec=args.eval_spec, eval_prompts=args.eval_prompts, retrain_steps=args.retrain_steps,
+        prompts=args.prompts,
         progress=not args.quiet,
         tolerances=Tolerances(slim_atol=args.slim_atol, onnx_atol=args.onnx_atol, trt_atol=args.trt_atol,
                               trt_rtol=args.trt_rtol),
