@@ -105,7 +105,7 @@ class OptimumWorker:
         # its own empty cwd: a folder named like a package there (the Triton repository, `triton/`) would shadow it
         self.work = work / "optimum_worker"
         self.work.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen([str(OPTIMUM_PY), "-c", OPTIMUM_WORKER, str(folder), str(threads)],
+        self.proc = subprocess.Popen([str(OPTIMUM_PY), "-c", OPTIMUM_WORKER, str(folder.resolve()), str(threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.work / "optimum.log", "w"),
                                      text=True, env=env, cwd=self.work)
         self.info = self._read()
@@ -163,7 +163,7 @@ def main() -> int:
     from uniforget.models import load_pipeline
 
     torch.set_num_threads(args.threads)
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="bench-e2e-"))).resolve()  # workers run in other cwds
     work.mkdir(parents=True, exist_ok=True)
     skipped: dict[str, str] = {}
     t0 = time.perf_counter()

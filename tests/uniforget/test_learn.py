@@ -250,35 +250,6 @@ def test_cli_explicit_guidance_wins(pipe_dir, tmp_path):
     assert not (tmp_path / "masks.ckpt.safetensors").exists()
 
 
-@pytest.mark.slow
-def test_data_parallel_two_processes_equals_one(pipe_dir, tmp_path):
-    """Two CPU processes (torchrun + gloo) with the same global batch end with the single-process gates."""
-    import os
-    import shutil
-    import subprocess
-
-    torchrun = shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not on PATH")
-    prompts = tmp_path / "neutral.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    common = ["learn", "--model", str(pipe_dir), "--prompts", str(prompts), "--beta", "5", "--steps", "4",
-              "--batch", "4", "--sampler-steps", "2", "--lr", "0.3", "--no-progress", "--checkpoint-every", "0",
-              "--drift-prompts", "0", "--device", "cpu", "--guidance-scale", "3"]
-    assert main([*common, "--out", str(tmp_path / "one.safetensors")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "exporter.cli",
-                           *common, "--out", str(tmp_path / "two.safetensors")], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "over 2 process(es)" in proc.stdout + proc.stderr
-    one, two = MaskSet.load(tmp_path / "one.safetensors"), MaskSet.load(tmp_path / "two.safetensors")
-    moved = sum(float((v - 1).abs().sum()) for v in one.logits.values())
-    assert moved > 1.0
-    for k in one.logits:
-        torch.testing.assert_close(two.logits[k], one.logits[k], rtol=0, atol=1e-4)
-
-
 def test_control_gates_roundtrip_through_logits():
     from uniforget.gates import hard_concrete
 
