@@ -38,6 +38,18 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if verbose <= 1:
         _quiet_transformers()
+    fp32_log = logging.getLogger("diffusers.models.modeling_utils")
+    if not any(isinstance(f, _EmptyFp32ListFilter) for f in fp32_log.filters):
+        fp32_log.addFilter(_EmptyFp32ListFilter())
+
+
+class _EmptyFp32ListFilter(logging.Filter):
+    """diffusers warns "There are modules in UNet2DConditionModel that should be kept in float32: []" on every
+    `.to(dtype)` of a model, also when that list is empty, i.e. when nothing needs keeping: not the user's
+    business. A non-empty list still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
 
 
 def _quiet_transformers() -> None:

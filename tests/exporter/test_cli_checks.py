@@ -134,6 +134,17 @@ def test_transformers_warnings_off_and_errors_kept(monkeypatch):
     assert tlog.isEnabledFor(logging.INFO)
 
 
+def test_diffusers_empty_fp32_list_note_dropped_and_real_ones_kept(capfd):
+    _setup_logging(0)
+    _setup_logging(0)  # idempotent: one filter, not two
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    assert len(log.filters) == len({type(f) for f in log.filters})
+    noise = "There are modules in UNet2DConditionModel that should be kept in float32: []. Casting directly with"
+    assert not all(f.filter(logging.makeLogRecord({"msg": noise})) for f in log.filters)
+    real = "There are modules in UNet2DConditionModel that should be kept in float32: ['conv_in']. Casting"
+    assert all(f.filter(logging.makeLogRecord({"msg": real})) for f in log.filters)
+
+
 def test_cli_stderr_has_no_torchvision_fallback_note(tiny_model_dir, tiny_masks, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # as a user's shell has it
     plain = subprocess.run([sys.executable, "-c", "from diffusers import StableDiffusionPipeline"],
