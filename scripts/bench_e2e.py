@@ -84,7 +84,7 @@ def sd15_pipeline(size: int) -> Any:
     from single_file_fullsize import random_pipeline
 
     from uniforget.geometries import SD_SCHEDULE
-    from uniforget.single_file import _tokenizers
+    from uniforget.single_file import CONFIGS, _tokenizers
 
     parts = random_pipeline("sd1", torch.float32)
     parts.unet.register_to_config(sample_size=size)
@@ -92,7 +92,7 @@ def sd15_pipeline(size: int) -> Any:
         vae=parts.vae.eval(), text_encoder=parts.text_encoder.eval(), unet=parts.unet.eval(),
         scheduler=DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        **_tokenizers(ROOT / "uniforget" / "data" / "configs" / "sd1", "sd1"))
+        **_tokenizers(CONFIGS / "sd1", "sd1"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -166,6 +166,7 @@ def main() -> int:
     work = (args.work or Path(tempfile.mkdtemp(prefix="bench-e2e-"))).resolve()  # workers run in other cwds
     work.mkdir(parents=True, exist_ok=True)
     skipped: dict[str, str] = {}
+    optimum_scheduler = None
     t0 = time.perf_counter()
     if args.model == "sd15":
         pipe, label = sd15_pipeline(args.size), f"SD1.5 geometry, random weights, {args.size}x{args.size} latent"
@@ -218,6 +219,7 @@ def main() -> int:
         else:
             worker = OptimumWorker(onnx_dir, args.threads, work)
             prep_s["optimum_load"] = worker.info["load_s"]
+            optimum_scheduler = worker.info.get("scheduler")
             closers.append(worker.close)
             calls["optimum"] = lambda seed: worker(args.prompt, args.steps, args.guidance_scale, latents(seed))
 
@@ -302,15 +304,13 @@ def main() -> int:
         sp = rows["ort"]["speedup_vs_diffusers"]
         print(f"ORT pipeline vs diffusers eager: {sp['ratio']:.2f}x faster [{sp['low']:.2f}, {sp['high']:.2f}]")
     for n in names:
-        if "vs_ort" in rows[n]:
-            v = rows[n]["vs_ort"]
-            if v["low"] <= 1.0 <= v["high"]:
-                print(f"{n} vs ORT pipeline: within noise")
+        if rows[n].get("vs_ort", {}).get("verdict") == "within noise":  # RatioEstimate.verdict's rule
+            print(f"{n} vs ORT pipeline: within noise")
 
     result = {"model": label, "image_px": px, "latent": list(shape), "steps": args.steps,
               "guidance_scale": args.guidance_scale, "prompt": args.prompt, "threads": args.threads,
               "rounds": args.rounds, "warmup": args.warmup, "skipped": skipped, "prepare_s": prep_s,
-              "optimum_scheduler": calls.get("optimum") and worker.info.get("scheduler"), "variants": rows,
+              "optimum_scheduler": optimum_scheduler, "variants": rows,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": sys.version.split()[0], "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}}
     out = args.json or ROOT / "runs" / f"bench_e2e_{'sd15' if args.model == 'sd15' else Path(args.model).name}.json"

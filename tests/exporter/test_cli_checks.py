@@ -134,7 +134,7 @@ def test_transformers_warnings_off_and_errors_kept(monkeypatch):
     assert tlog.isEnabledFor(logging.INFO)
 
 
-def test_diffusers_empty_fp32_list_note_dropped_and_real_ones_kept(capfd):
+def test_diffusers_empty_fp32_list_note_dropped_and_real_ones_kept():
     _setup_logging(0)
     _setup_logging(0)  # idempotent: one filter, not two
     log = logging.getLogger("diffusers.models.modeling_utils")
