@@ -77,6 +77,29 @@ def _spaced(cfg: dict[str, Any], steps: int) -> np.ndarray:
     raise ExportError(f"scheduler timestep_spacing {spacing!r} is not supported (linspace, leading, trailing)")
 
 
+def _predicted_x0(cfg: dict[str, Any], prediction: str, out: np.ndarray, sample: np.ndarray,
+                  a_t: np.floating, scheduler: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x0, eps) from the UNet's output for each prediction type, x0 clipped as diffusers' `clip_sample` says.
+
+    Shared by the DDIM and LCM steps, which differ only in what they do with x0 afterwards.
+    """
+    b_t = 1 - a_t
+    if prediction == "epsilon":
+        x0, eps = (sample - b_t**0.5 * out) / a_t**0.5, out
+    elif prediction == "sample":
+        x0 = out
+        eps = (sample - a_t**0.5 * x0) / b_t**0.5
+    elif prediction == "v_prediction":
+        x0 = a_t**0.5 * sample - b_t**0.5 * out
+        eps = a_t**0.5 * out + b_t**0.5 * sample
+    else:
+        raise ExportError(f"{scheduler} prediction_type {prediction!r} is not supported")
+    if cfg.get("clip_sample", False):
+        r = float(cfg.get("clip_sample_range", 1.0))
+        x0 = np.clip(x0, -r, r)
+    return x0, eps
+
+
 class NumpyDDIM:
     """diffusers' DDIMScheduler (eta=0 deterministic; eta>0 adds NumPy noise) for epsilon/v/sample prediction."""
 
@@ -108,21 +131,7 @@ class NumpyDDIM:
         prev = t - self.n_train // self.steps
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha
-        b_t = 1 - a_t
-        if self.prediction == "epsilon":
-            x0 = (sample - b_t**0.5 * out) / a_t**0.5
-            eps = out
-        elif self.prediction == "sample":
-            x0 = out
-            eps = (sample - a_t**0.5 * x0) / b_t**0.5
-        elif self.prediction == "v_prediction":
-            x0 = a_t**0.5 * sample - b_t**0.5 * out
-            eps = a_t**0.5 * out + b_t**0.5 * sample
-        else:
-            raise ExportError(f"prediction_type {self.prediction!r} is not supported")
-        if self.cfg.get("clip_sample", False):
-            r = float(self.cfg.get("clip_sample_range", 1.0))
-            x0 = np.clip(x0, -r, r)
+        x0, eps = _predicted_x0(self.cfg, self.prediction, out, sample, a_t, "DDIM")
         var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         std = eta * var**0.5
         prev_sample = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
@@ -221,21 +230,11 @@ class NumpyLCM:
         prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev] if prev >= 0 else self.final_alpha
-        b_t, b_prev = 1 - a_t, 1 - a_prev
+        b_prev = 1 - a_prev
         scaled = t * self.timestep_scaling  # boundary-condition scalings, sigma_data = 0.5
         c_skip = 0.25 / (scaled**2 + 0.25)
         c_out = scaled / (scaled**2 + 0.25) ** 0.5
-        if self.prediction == "epsilon":
-            x0 = (sample - b_t**0.5 * out) / a_t**0.5
-        elif self.prediction == "sample":
-            x0 = out
-        elif self.prediction == "v_prediction":
-            x0 = a_t**0.5 * sample - b_t**0.5 * out
-        else:
-            raise ExportError(f"LCM prediction_type {self.prediction!r} is not supported")
-        if self.cfg.get("clip_sample", False):
-            r = float(self.cfg.get("clip_sample_range", 1.0))
-            x0 = np.clip(x0, -r, r)
+        x0, _ = _predicted_x0(self.cfg, self.prediction, out, sample, a_t, "LCM")
         denoised = (c_out * x0 + c_skip * sample).astype(sample.dtype)
         if i == self.steps - 1:
             return denoised
