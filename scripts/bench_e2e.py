@@ -322,10 +322,6 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT / "scripts"))
-    from uniforget.errors import UniforgetError
+    from uniforget.errors import run_script
 
-    try:
-        sys.exit(main())
-    except UniforgetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -112,10 +111,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from uniforget.errors import UniforgetError
+    from uniforget.errors import run_script
 
-    try:
-        sys.exit(main())
-    except UniforgetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

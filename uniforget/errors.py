@@ -1,5 +1,9 @@
 """The error hierarchy: every user-facing failure is one of these, so the CLI can print one line and exit 2."""
 
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
 
 class UniforgetError(Exception):
     """Base for every error the tool raises on purpose (bad input, failed gate, missing dependency)."""
@@ -19,3 +23,13 @@ class PlanError(UniforgetError):
 
 class ParityError(UniforgetError):
     """Two stages that must compute the same thing do not, within tolerance."""
+
+
+def run_script(main: Callable[[], int]) -> NoReturn:
+    """Exit with `main()`'s status; one of our errors becomes a single `error:` line and status 2, like the CLI."""
+    try:
+        status = main()
+    except UniforgetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        status = 2
+    sys.exit(status)
