@@ -57,18 +57,25 @@ def write_state(path: Path, fmt: str, step: int, tensors: dict[str, torch.Tensor
     tmp.replace(path)
 
 
+def load_with_header(path: Path, error_cls: type[UniforgetError], what: str
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and string header; `error_cls` ("... is not a readable {what}") if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error_cls(f"{path} is not a readable {what}: {e}") from e
+    return tensors, meta
+
+
 def read_state(path: Path, fmt: str, error_cls: type[UniforgetError], what: str
                ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and header of the checkpoint at `path`; `error_cls` if unreadable or not of format `fmt`.
 
     `what` names the kind of checkpoint in the message ("learning" -> "... not a readable learning checkpoint").
     """
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise error_cls(f"{path} is not a readable {what} checkpoint: {e}") from e
+    tensors, meta = load_with_header(path, error_cls, f"{what} checkpoint")
     if meta.get("format") != fmt:
         raise error_cls(f"{path} is not a uniforget {what} checkpoint (format {meta.get('format')!r})")
     return tensors, meta

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError as SafetensorsError
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import __version__
+from .checkpoint import load_with_header
 from .errors import MaskSetError
 from .gates import GateConfig, hard_concrete
 from .targets import GateTarget
@@ -71,12 +70,7 @@ class MaskSet:
         path = Path(path)
         if not path.is_file():
             raise MaskSetError(f"MaskSet file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-            logits = load_file(str(path))
-        except (SafetensorsError, OSError, ValueError) as e:
-            raise MaskSetError(f"{path} is not a readable safetensors MaskSet: {e}") from e
+        logits, meta = load_with_header(path, MaskSetError, "safetensors MaskSet")
         if meta.get("format") != "uniforget.maskset/1" or "model_fingerprint" not in meta:
             raise MaskSetError(f"{path} is a safetensors file but not a uniforget MaskSet (no format/fingerprint)")
         bad = [k for k, v in logits.items() if v.ndim != 1 or "/" not in k]
