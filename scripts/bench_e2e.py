@@ -84,7 +84,7 @@ def sd15_pipeline(size: int) -> Any:
     from single_file_fullsize import random_pipeline
 
     from uniforget.geometries import SD_SCHEDULE
-    from uniforget.single_file import CONFIGS, _tokenizers
+    from uniforget.single_file import CONFIGS, shipped_tokenizers
 
     parts = random_pipeline("sd1", torch.float32)
     parts.unet.register_to_config(sample_size=size)
@@ -92,7 +92,7 @@ def sd15_pipeline(size: int) -> Any:
         vae=parts.vae.eval(), text_encoder=parts.text_encoder.eval(), unet=parts.unet.eval(),
         scheduler=DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        **_tokenizers(CONFIGS / "sd1", "sd1"))
+        **shipped_tokenizers(CONFIGS / "sd1", "sd1"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

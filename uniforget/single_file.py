@@ -238,7 +238,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, prediction_type: str | None =
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _tokenizers(config_dir: Path, family: str) -> dict[str, Any]:
+def shipped_tokenizers(config_dir: Path, family: str) -> dict[str, Any]:
     """Tokenizers to hand to diffusers: the config folder's own if it has them, else the shipped CLIP BPE."""
     from transformers import CLIPTokenizer
 
@@ -287,7 +287,7 @@ def load_single_file(path: str | os.PathLike, *, config: str | os.PathLike | Non
     cls = StableDiffusionXLPipeline if info.family == "sdxl" else StableDiffusionPipeline
     kwargs: dict[str, Any] = dict(config=str(config_dir), local_files_only=True,
                                   torch_dtype=torch_dtype if torch_dtype is not None else torch.float32,
-                                  **_tokenizers(config_dir, info.family))
+                                  **shipped_tokenizers(config_dir, info.family))
     if info.has_raw_and_ema:
         kwargs["extract_ema"] = True  # EMA weights are the ones meant for sampling
     if cls is StableDiffusionPipeline:

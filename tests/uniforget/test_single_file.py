@@ -245,9 +245,9 @@ def test_bookkeeping_tensors_of_real_files_are_ignored(tiny, tmp_path, family):
                                                   ("sdxl", "sdxl", {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"})])
 def test_shipped_configs_get_the_shipped_tokenizers(config, family, pads):
     """OpenCLIP-trained encoders (SD2.x, SDXL's second) pad with '!' (id 0); CLIP-L pads with its end token."""
-    from uniforget.single_file import _tokenizers
+    from uniforget.single_file import shipped_tokenizers
 
-    toks = _tokenizers(CONFIGS / config, family)
+    toks = shipped_tokenizers(CONFIGS / config, family)
     assert {k: t.pad_token for k, t in toks.items()} == pads
     assert all(len(t) == 49408 and t.model_max_length == 77 for t in toks.values())
 
