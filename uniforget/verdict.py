@@ -64,11 +64,24 @@ def judge_within(original: Any, after: Any) -> bool | None:
                                                                              original.n_neutral)
 
 
+STRONGER_NEXT = ("learn stronger masks (--beta strong, or a larger --budget with --beta auto), then a brief retrain "
+                 "(--retrain-steps 100) checked on held-out neutral drift")
+GLOBAL_MODE_NEXT = ("no mask can remove it: the original copies from the empty prompt too (global-mode "
+                    "memorization), so no units serve the copies alone; deduplicate the training data and fine-tune "
+                    "or retrain the model")
+
+
 def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None, what: str = "the slim model",
-           next_step: str = "learn stronger masks (--beta strong, or a larger --budget with --beta auto), then a "
-                                "brief retrain (--retrain-steps 100) checked on held-out neutral drift") -> Verdict:
-    """The verdict for `after` (an Evaluation) against `original`, with control Evaluations at matched drift."""
+           next_step: str | None = None) -> Verdict:
+    """The verdict for `after` (an Evaluation) against `original`, with control Evaluations at matched drift.
+
+    `next_step` (what a "not reduced" verdict suggests) defaults by the original's memorization signature: on a
+    global-mode model stronger masks only spend neutral quality, so the advice points away from pruning.
+    """
     controls = dict(controls or {})
+    if next_step is None:
+        next_step = GLOBAL_MODE_NEXT if getattr(getattr(original, "signature", None), "kind", None) == "global-mode" \
+            else STRONGER_NEXT
     if not _ok(original.memorized.copy_rate):
         wen = (f"Wen's AUC {original.wen_auc:.2f} -> {after.wen_auc:.2f}" if _ok(original.wen_auc)
                and _ok(after.wen_auc) else "Wen's noise norm not measured")

@@ -57,3 +57,17 @@ def test_judge_within_two_standard_errors():
     assert judge_within(ev(1, judge=1.0), ev(0, judge=143 / 144))
     assert not judge_within(ev(1, judge=1.0), ev(0, judge=140 / 144))
     assert judge_within(ev(1, judge=None), ev(0, judge=None)) is None
+
+
+def test_global_mode_original_is_not_sent_to_stronger_masks():
+    """On a model whose empty prompt copies too, "not reduced" must not advise more pruning (v1 toy: 100% -> 100%)."""
+    from uniforget.signature import EmptyPromptCheck, read_signature
+
+    glob = ev(1.0)
+    glob.signature = read_signature(1.0, 1.0, EmptyPromptCheck(n=48, nearest_planted=0.5, copies=0.44, per_item_nearest={}), 0.0)
+    assert glob.signature.kind == "global-mode"
+    v = decide(glob, ev(1.0), {"random": ev(1.0)})
+    assert v.status == "not reduced" and "global-mode" in v.sentence and "stronger masks" not in v.sentence
+    spike = ev(1.0)
+    spike.signature = read_signature(1.0, 1.0, EmptyPromptCheck(n=48, nearest_planted=0.0, copies=0.0, per_item_nearest={}), 1.0)
+    assert "stronger masks" in decide(spike, ev(1.0)).sentence
