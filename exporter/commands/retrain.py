@@ -1,7 +1,7 @@
 """`uniforget retrain`: briefly fine-tune a slim UNet so it matches the original again on neutral prompts.
 
     uniforget retrain --slim engines/NAME/unet --out engines/NAME/unet-retrained [--model toy] [--prompts FILE]
-        [--steps 200] [--lr 1e-4] [--batch 8] [--sampler-steps 8] [--checkpoint-every 50] [--resume]
+        [--steps 200] [--lr 1e-5] [--batch 8] [--sampler-steps 8] [--checkpoint-every 50] [--resume]
         [--device cpu] [--precision fp32|bf16]
 
 The original model is the teacher: the slim UNet learns to reproduce its N-step samples on neutral prompts
