@@ -64,8 +64,8 @@ def judge_within(original: Any, after: Any) -> bool | None:
                                                                              original.n_neutral)
 
 
-STRONGER_NEXT = ("learn stronger masks (--beta strong, or a larger --budget with --beta auto), then a brief retrain "
-                 "(--retrain-steps 100) checked on held-out neutral drift")
+STRONGER_NEXT = ("learn stronger masks (a larger --beta, or a larger --budget with --beta auto), then a neutral "
+                 "retrain (--retrain-steps 400 or more) to win back neutral quality")
 GLOBAL_MODE_NEXT = ("no mask can remove it: the original copies from the empty prompt too (global-mode "
                     "memorization), so no units serve the copies alone; deduplicate the training data and fine-tune "
                     "or retrain the model")
