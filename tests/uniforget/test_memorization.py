@@ -261,10 +261,13 @@ def test_wen_recorder_matches_a_hand_written_sampling_loop(pipe):
 
 
 def test_wen_auc_of_identical_prompt_sets_is_half(pipe):
+    """Batching does not change the scores (up to float rounding, which depends on the batch and thread count
+    in oneDNN), and one set against itself ties everywhere: AUC exactly 0.5."""
     a, _ = noise_norms(pipe, PROMPTS, [0, 1], steps=STEPS, guidance=3.0)
     b, _ = noise_norms(pipe, PROMPTS, [0, 1], steps=STEPS, guidance=3.0, batch_size=2)
     assert a.shape == (3,) and np.isfinite(a).all() and (a > 0).all()
-    assert roc_auc(a, b) == pytest.approx(0.5, abs=1e-9)
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    assert roc_auc(a, a.copy()) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_wen_needs_guidance(pipe):
