@@ -87,6 +87,7 @@ class ExportOptions:
     size: ValidationSize = ValidationSize()
     learn_steps: int = 300  # when no MaskSet is given or shipped
     retrain_steps: int = 0  # brief neutral retrain of the slim UNet after pruning (0 = off)
+    tune_weights: float = 0.0  # > 0: learn the masks jointly with a fine-tuned copy of the weights (learn.py)
     prompts: Path | None = None  # neutral prompts to learn and retrain from; None = uniforget.prompts' default
     eval_spec: Path | None = None  # dataset spec (toy format) with the memorized items; default: the toy's own
     eval_prompts: Path | None = None  # any model: JSON of neutral prompts + suspect captions (EvalData.from_file)
@@ -138,6 +139,7 @@ class _Run:
     obs: StageObserver
     pipe: Any = None
     dense: Any = None
+    base: Any = None  # the UNet the masks gate: the original, or the copy tuned jointly with them
     masks: Any = None
     masks_source: str = ""
     controls: dict[str, Any] = field(default_factory=dict)  # control MaskSets at matched drift (name -> MaskSet)
@@ -252,6 +254,14 @@ def preflight(opts: ExportOptions) -> Path:
             raise ExportError(f"--beta must be one of {', '.join(BETAS)} or a number >= 0 (got {opts.beta!r})")
     if opts.retrain_steps < 0:
         raise ExportError(f"--retrain-steps must be >= 0 (got {opts.retrain_steps})")
+    if not (math.isfinite(opts.tune_weights) and opts.tune_weights >= 0):
+        raise ExportError(f"--tune-weights must be a finite learning rate >= 0 (got {opts.tune_weights})")
+    if opts.tune_weights > 0 and opts.masks is not None:
+        raise ExportError("--tune-weights learns new masks; drop --masks (masks from `uniforget learn "
+                          "--tune-weights` are found with their tuned UNet beside them)")
+    if opts.tune_weights > 0 and opts.beta == "auto":
+        raise ExportError("--tune-weights needs a number or preset for --beta (the --beta auto ladder does not "
+                          "tune weights)")
     model_path = resolve_model_path(opts.model)
     if not Path(model_path).exists():
         hint = (" (the embedded toy is not installed in this checkout: train it with scripts/train_toy.py)"
@@ -291,10 +301,13 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
 
     opts = run.opts
     fp = model_fingerprint(run.dense)
-    src = Path(opts.masks) if opts.masks else shipped_masks(opts.model, opts.beta)
+    run.base = run.dense
+    src = Path(opts.masks) if opts.masks else (shipped_masks(opts.model, opts.beta) if not opts.tune_weights
+                                               else None)
     if src is not None:
-        run.masks = MaskSet.load(src, expect_fingerprint=fp)
-        run.masks_source = str(src)
+        run.base = _tuned_base(src, run.dense, fp)
+        run.masks = MaskSet.load(src, expect_fingerprint=fp if run.base is run.dense else model_fingerprint(run.base))
+        run.masks_source = str(src) + ("" if run.base is run.dense else f" with its tuned UNet {_tuned_dir(src)}")
         summary = f"loaded {src} (beta {run.masks.meta.get('beta', '?')})"
         for name in ("random", "shuffled"):  # controls shipped beside the masks (uniforget learn --controls)
             c = src.with_name(src.name.removesuffix(".safetensors") + f".control-{name}.safetensors")
@@ -308,7 +321,8 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
             from uniforget.calibrate import CalibrationConfig
 
             cal = CalibrationConfig()
-        cfg = LearnConfig(beta=cal.ladder[0] if cal else parse_beta(opts.beta), steps=opts.learn_steps)
+        cfg = LearnConfig(beta=cal.ladder[0] if cal else parse_beta(opts.beta), steps=opts.learn_steps,
+                          weight_lr=opts.tune_weights)
         total = cfg.steps + (0 if cal is None else (len(cal.ladder) - 1) * max(1, cfg.steps // 2))
         run.obs.start("masks: learning" + (" (--beta auto ladder)" if cal else ""), total=total)
         out = run.tmp / "masks.learned.safetensors"
@@ -318,8 +332,16 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
         res = run_learn(req, callback=lambda stats: run.obs.advance(1))
         run.masks = res.maskset
         run.masks_source = f"learned here (beta {res.maskset.meta.get('beta')}" + (
-            f" chosen by --beta auto from {res.maskset.meta.get('calibration_rungs')}" if cal else "") + \
+            f" chosen by --beta auto from {res.maskset.meta.get('calibration_rungs')}" if cal else "") + (
+            f", weights tuned jointly at lr {opts.tune_weights:g}" if res.unet is not None else "") + \
             f", {res.wall_s:.0f} s)"
+        if res.unet is not None:  # plan and prune the tuned copy; the original stays the reference everywhere else
+            import shutil
+
+            from uniforget.learn import tuned_unet_path_for
+
+            run.base = res.unet
+            shutil.rmtree(tuned_unet_path_for(out), ignore_errors=True)
         for name in ("random", "shuffled") if want_controls else ():
             run.controls[name] = MaskSet.load(control_path_for(out, name))
             control_path_for(out, name).unlink(missing_ok=True)
@@ -329,10 +351,29 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
     return summary, None
 
 
+def _tuned_dir(masks: Path) -> Path:
+    from uniforget.learn import tuned_unet_path_for
+
+    return tuned_unet_path_for(masks)
+
+
+def _tuned_base(masks: Path, dense: Any, fp: str) -> Any:
+    """The UNet a MaskSet file gates: the original, or the tuned copy `uniforget learn --tune-weights` wrote beside
+    it (`masks.unet/`), when the MaskSet names that copy's fingerprint instead of the original's."""
+    from uniforget.masks import MaskSet
+
+    d = _tuned_dir(masks)
+    if MaskSet.load(masks).model_fingerprint == fp or not (d / "config.json").is_file():
+        return dense  # MaskSet.load(expect_fingerprint=fp) then accepts it or names the mismatch
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(d).eval().requires_grad_(False)
+
+
 def stage_plan(run: _Run) -> tuple[str, dict | None]:
     from uniforget.plan import make_plan
 
-    run.plan = make_plan(run.dense, run.masks, run.opts.ratio, align=run.opts.align)
+    run.plan = make_plan(run.base, run.masks, run.opts.ratio, align=run.opts.align)
     run.plan.save(run.tmp / "plan.json")
     p = run.plan
     fr = f", FLOPs x{p.flop_ratio:.3f}" if p.flop_ratio is not None else ""
@@ -355,8 +396,8 @@ def stage_prune(run: _Run) -> tuple[str, dict | None]:
     from uniforget.slim_io import save_slim_unet
 
     tol = run.opts.tolerances.slim_atol
-    run.slim = prune_unet(run.dense, run.plan).eval()
-    results = [check_parity(run.dense, run.slim, run.plan, inp, atol=tol) for _, inp in _parity_inputs(run.dense)]
+    run.slim = prune_unet(run.base, run.plan).eval()
+    results = [check_parity(run.base, run.slim, run.plan, inp, atol=tol) for _, inp in _parity_inputs(run.base)]
     worst = max(r.max_abs for r in results)
     gate = {"max_abs": worst, "max_rel": max(r.max_abs / max(r.max_ref, 1e-30) for r in results),
             "tolerance": f"atol {tol:g}", "passed": all(bool(r) for r in results)}

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UniforgetError
+from .errors import MaskSetError, UniforgetError
 from .generate import Gates, encode_prompts, generate, optimize_embeddings, perturb_embeddings
 from .memorization import COPY_RATIO, detect_copies, output_drift, roc_auc, ssim
 from .signature import THRESHOLDS, EmptyPromptCheck, Signature, empty_prompt_check, read_signature
@@ -459,7 +459,13 @@ def validate(opts: ValidateOptions) -> ValidateReport:
     if opts.masks:
         from .masks import MaskSet
 
-        masks = MaskSet.load(opts.masks, expect_fingerprint=model_fingerprint(pipe.unet))
+        fp = model_fingerprint(pipe.unet)
+        ms = MaskSet.load(opts.masks)
+        if "teacher_fingerprint" in ms.meta and ms.model_fingerprint != fp:
+            raise MaskSetError(f"{opts.masks} gates the copy of the weights its run tuned (learn --tune-weights), "
+                               "not this model: prune that copy (uniforget prune --unet ... --masks ...) and pass "
+                               "the slim folder with --slim")
+        masks = MaskSet.load(opts.masks, expect_fingerprint=fp)
     judge_dir = opts.judge if opts.judge is not None else judge_beside(model_dir)
     if opts.prompts:
         size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))

@@ -8,7 +8,9 @@ final latents on the batch (`recon="relative"`, default) so that beta weighs a *
 share of open gates, whatever the model's latent scale; `recon="absolute"` is the paper's literal mean squared
 difference. Even relative, how much drift a unit's removal costs differs between models, which is why
 `--beta auto` (calibrate.py) picks the strength per model on held-out neutral prompts. Gates are hard-concrete (gates.py), one per head / FFN neuron / norm
-channel (targets.py), applied through hooks (gating.py) so the UNet's weights are never touched.
+channel (targets.py), applied through hooks (gating.py) so the UNet's weights are never touched. Optionally
+(`weight_lr > 0`, not the paper's recipe) a copy of the weights is fine-tuned jointly with the gates, with the
+frozen original as the teacher: the kept units can then take over what the closed ones did on neutral prompts.
 
 Defaults differ from the paper's FLUX recipe on purpose (METHOD.md, trial findings): Adam's *coupled*
 weight decay 1e-2 drives every gate to ~0.09 because the L1 term is a mean over thousands of gates, and
@@ -88,6 +90,8 @@ class LearnConfig:
     width: int | None = None
     gate_config: GateConfig = GateConfig()
     recon: str = "relative"       # reconstruction term / var(original latents) ("absolute": the paper's raw MSE)
+    weight_lr: float = 0.0        # 0 = the paper's recipe (weights frozen); > 0 = also fine-tune a copy of the UNet's
+    # weights at this rate against the frozen original, jointly with the gates (docs/dememorization.md, 0h)
 
     def __post_init__(self) -> None:
         problems = []
@@ -99,6 +103,8 @@ class LearnConfig:
             problems.append(f"batch must be >= 1 (got {self.batch})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"lr must be > 0 (got {self.lr})")
+        if not (self.weight_lr >= 0 and math.isfinite(self.weight_lr)):
+            problems.append(f"weight lr must be a finite number >= 0 (got {self.weight_lr})")
         if self.weight_decay < 0:
             problems.append(f"weight decay must be >= 0 (got {self.weight_decay})")
         if self.beta < 0:
@@ -116,6 +122,8 @@ class LearnConfig:
     def to_json(self) -> str:
         d = asdict(self)
         d["kinds"] = list(self.kinds)
+        if not self.weight_lr:  # the paper's recipe keeps the identity (and MaskSets) of runs made before the option
+            del d["weight_lr"]
         return json.dumps(d, sort_keys=True)
 
 
@@ -139,6 +147,7 @@ class LearnResult:
     history: tuple[StepStats, ...]
     wall_s: float
     resumed_from: int = 0          # step the run resumed at (0 = fresh)
+    unet: Any = None               # the jointly tuned UNet copy (weight_lr > 0); the MaskSet belongs to it
 
 
 class GateParams:
@@ -213,15 +222,18 @@ def _autocast(device: torch.device, precision: str):
 
 
 def _save_checkpoint(path: Path, step: int, gates: GateParams, opt: torch.optim.Optimizer,
-                     sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, ident: dict[str, str]) -> None:
-    """Gate params + optimizer tensors + RNG states in safetensors; scalars in the JSON header."""
+                     sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, ident: dict[str, str],
+                     weights: Sequence[tuple[str, torch.nn.Parameter]] = ()) -> None:
+    """Gate params (+ tuned weights) + optimizer tensors + RNG states in safetensors; scalars in the JSON header."""
     tensors = {f"gate/{k}": p.detach().cpu().contiguous() for k, p in gates.params.items()}
-    write_state(path, _CKPT_FORMAT, step, tensors, ident, opt, list(gates.params), sched, gen)
+    tensors.update({f"weight/{n}": p.detach().cpu().contiguous() for n, p in weights})
+    names = list(gates.params) + [f"weight/{n}" for n, _ in weights]
+    write_state(path, _CKPT_FORMAT, step, tensors, ident, opt, names, sched, gen)
 
 
 def _load_checkpoint(path: Path, gates: GateParams, opt: torch.optim.Optimizer,
                      sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator,
-                     ident: dict[str, str]) -> int:
+                     ident: dict[str, str], weights: Sequence[tuple[str, torch.nn.Parameter]] = ()) -> int:
     """Restore everything `_save_checkpoint` wrote; refuse a checkpoint of another model, prompts or config."""
     tensors, meta = read_state(path, _CKPT_FORMAT, LearnError, "learning")
     if meta.get("model_fingerprint") != ident["model_fingerprint"]:
@@ -234,7 +246,10 @@ def _load_checkpoint(path: Path, gates: GateParams, opt: torch.optim.Optimizer,
     with torch.no_grad():
         for k, p in gates.params.items():
             p.copy_(tensors[f"gate/{k}"])
-    return restore_state(tensors, meta, list(gates.params), opt, sched, gen)
+        for n, p in weights:
+            p.copy_(tensors[f"weight/{n}"])
+    names = list(gates.params) + [f"weight/{n}" for n, _ in weights]
+    return restore_state(tensors, meta, names, opt, sched, gen, clone=bool(weights))
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -269,6 +284,8 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
     checkpoint stays). With `resume=True` and an existing checkpoint, the run continues from it and
     ends with exactly the MaskSet an uninterrupted run would have produced. `init` (gate logits per key)
     warm-starts the gates instead of "every gate exactly 1" (calibration's ladder continues from the rung below).
+    With `cfg.weight_lr > 0` a copy of `unet` is fine-tuned jointly with its gates against the frozen `unet`
+    (returned as `LearnResult.unet`; the MaskSet carries its fingerprint, and `unet` itself is left untouched).
     """
     device = torch.device(accelerator.device) if accelerator is not None else next(unet.parameters()).device
     world = accelerator.num_processes if accelerator is not None else 1
@@ -280,7 +297,10 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
     fingerprint = model_fingerprint(unet)
     unet.requires_grad_(False).eval().to(device)
     cond = cond.to(device)
-    targets = discover_targets(unet, cfg.kinds)
+    # joint mode (weight_lr > 0): the gates sit on a trainable copy, `unet` stays the frozen original (the teacher)
+    student = _trainable_copy(unet) if cfg.weight_lr > 0 else unet
+    weights = list(student.named_parameters()) if cfg.weight_lr > 0 else []
+    targets = discover_targets(student, cfg.kinds)
     if not targets:
         raise LearnError(f"this UNet has no gate targets of kind(s) {list(cfg.kinds)} (no transformer blocks?)")
     gates = GateParams(targets, cfg.gate_config, device)
@@ -292,6 +312,8 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
             for k, p in gates.params.items():
                 p.copy_(init[k].to(p))
     opt = _make_optimizer(list(gates.params.values()), cfg)
+    if weights:  # no decay: nothing should pull the weights away from the original's fit but the loss itself
+        opt.add_param_group({"params": [p for _, p in weights], "lr": cfg.weight_lr, "weight_decay": 0.0})
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -301,7 +323,7 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     start = 0
     if resume and ckpt is not None and ckpt.is_file():
-        start = _load_checkpoint(ckpt, gates, opt, sched, gen, ident)
+        start = _load_checkpoint(ckpt, gates, opt, sched, gen, ident, weights)
         log.info("resumed from %s at step %d of %d", ckpt, start, cfg.steps)
     elif resume:
         log.warning("--resume: no checkpoint at %s, starting from step 0", ckpt)
@@ -321,16 +343,16 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
             ref = sample(unet, scheduler, z0, c, cfg.sampler).float()
         opt.zero_grad(set_to_none=True)
         # backward inside the hooks' lifetime: activation checkpointing re-runs the gated UNet there
-        with attach_gates(unet, gates.sources(), targets):
+        with attach_gates(student, gates.sources(), targets):
             with _autocast(device, cfg.precision):
-                out = sample(unet, scheduler, z0, c, cfg.sampler).float()
+                out = sample(student, scheduler, z0, c, cfg.sampler).float()
             mse = (out - ref).pow(2).mean()
             rec = mse / _batch_var(ref, accelerator, world).clamp_min(1e-12) if cfg.recon == "relative" else mse
             l1 = gates.l1()
             loss = rec + cfg.beta * l1
             loss.backward()
         if world > 1:
-            for p in gates.params.values():
+            for p in [*gates.params.values(), *(w for _, w in weights)]:
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, reduction="mean")
         lr = opt.param_groups[0]["lr"]
@@ -342,7 +364,7 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
         history.append(stats)
         if ckpt is not None and checkpoint_every > 0 and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
             if is_main:
-                _save_checkpoint(ckpt, step + 1, gates, opt, sched, gen, ident)
+                _save_checkpoint(ckpt, step + 1, gates, opt, sched, gen, ident, weights)
             if accelerator is not None:
                 accelerator.wait_for_everyone()
         if callback is not None:
@@ -360,9 +382,21 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
         **({"final_mse": repr(last.mse), "final_l1": repr(last.l1)} if last else {}),
         **(extra_meta or {}),
     }
+    tuned = None
+    if weights:  # the gates were learned for the tuned copy: the MaskSet belongs to it, not to the original
+        tuned = student.requires_grad_(False).eval()
+        meta.update({"teacher_fingerprint": fingerprint, "weight_lr": repr(cfg.weight_lr)})
+        fingerprint = model_fingerprint(tuned)
     ms = MaskSet(logits={k: p.detach().cpu().clone() for k, p in gates.params.items()},
                  model_fingerprint=fingerprint, gate_config=cfg.gate_config, meta=meta)
-    return LearnResult(ms, tuple(history), wall, start)
+    return LearnResult(ms, tuple(history), wall, start, tuned)
+
+
+def _trainable_copy(unet: Any) -> Any:
+    """A copy of the UNet whose weights the joint run may change (eval mode: no dropout, so a resume is exact)."""
+    import copy
+
+    return copy.deepcopy(unet).eval().requires_grad_(True)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -450,6 +484,9 @@ def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = 
     from .sampler import encode_prompts
 
     prompts = load_prompts(req.prompts_file, model=req.model)  # fail fast, before loading any weights
+    if req.calibration is not None and req.config.weight_lr > 0:
+        raise LearnError("--beta auto cannot tune weights yet (the ladder carries gates from rung to rung, not "
+                         "tuned weights); give a number or preset for --beta with --tune-weights")
     held: list[str] = []
     if req.calibration is not None:
         prompts, held = req.calibration.split(prompts)
@@ -490,7 +527,11 @@ def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = 
         # how far the gated model's outputs moved on (a sample of) the neutral prompts it learned from
         meter = DriftMeter(pipe.unet, pipe.scheduler, cond.select(list(range(n))), cfg.sampler, seed=cfg.seed + 1,
                            height=cfg.height, width=cfg.width)
-        d = meter(result.maskset.gate_values())
+        if result.unet is None:
+            d = meter(result.maskset.gate_values())
+        else:  # the tuned copy with its gates, against the same original latents
+            with attach_gates(result.unet, result.maskset.gate_values()):
+                d = meter.of(result.unet)
         meta.update({"neutral_drift_mse": f"{d['mse']:.6g}", "neutral_drift_rel": f"{d['rel']:.6g}",
                      "neutral_drift_prompts": str(n)})
         log.info("neutral drift on %d training prompts (N=%d): mse %.4g, relative %.4g", n, cfg.sampler.steps,
@@ -498,9 +539,17 @@ def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = 
         if req.controls:
             from .controls import matched_controls
 
-            controls = matched_controls(result.maskset, lambda g: meter(g)["mse"], d["mse"], seed=cfg.seed)
+            # controls gate the original (their units are not learned), at the drift the learned model reaches
+            base = replace(result.maskset, model_fingerprint=meta.get("teacher_fingerprint",
+                                                                      result.maskset.model_fingerprint))
+            controls = matched_controls(base, lambda g: meter(g)["mse"], d["mse"], seed=cfg.seed)
     ms = replace(result.maskset, meta=meta)
     if accelerator.is_main_process:
+        if result.unet is not None:
+            unet_dir = tuned_unet_path_for(req.out)
+            _save_unet_atomically(result.unet, unet_dir)
+            log.info("wrote the jointly tuned UNet to %s (prune it with: uniforget prune --unet %s --masks %s)",
+                     unet_dir, unet_dir, req.out)
         ms.save(req.out)
         log.info("wrote %s (%d gate targets)", req.out, len(ms.logits))
         for name, cms in controls.items():
@@ -509,6 +558,22 @@ def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = 
             log.info("wrote control %s: %s (neutral drift mse %s, learned %s)", name, path,
                      cms.meta["control_drift_mse"], meta["neutral_drift_mse"])
     return replace(result, maskset=ms)
+
+
+def tuned_unet_path_for(out: Path) -> Path:
+    """`masks.safetensors` -> `masks.unet/`: the diffusers UNet folder a joint run (weight_lr > 0) writes."""
+    return out.with_name(out.name.removesuffix(".safetensors") + ".unet")
+
+
+def _save_unet_atomically(unet: Any, path: Path) -> None:
+    """save_pretrained into `<path>.partial`, then swap it in: no half-written folder under the final name."""
+    import shutil
+
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
 
 
 def control_path_for(out: Path, name: str) -> Path:

@@ -2,7 +2,7 @@
 
     uniforget learn --model toy --beta auto|weak|medium|strong|NUMBER --out masks.safetensors [--prompts FILE]
         [--targets heads,ffn,norm] [--steps 300] [--lr 0.05] [--sampler-steps 6] [--batch 8]
-        [--checkpoint-every 50] [--resume]
+        [--checkpoint-every 50] [--resume] [--tune-weights LR]
 
 Runs on CPU for the toy and data-parallel on several GPUs (each process takes a slice of the batch,
 gate gradients are averaged):
@@ -49,6 +49,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--optimizer", choices=("adamw", "adam"), default=d.optimizer,
                    help="adamw: decoupled weight decay; adam: the paper's coupled decay (collapses small models)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--tune-weights", type=float, default=d.weight_lr, metavar="LR",
+                   help="also fine-tune a copy of the UNet's weights at this rate, jointly with the gates, against "
+                        "the frozen original (0 = off, the paper's recipe); writes OUT.unet/ for `prune --unet`")
     p.add_argument("--batch", type=int, default=d.batch, help="prompts per step (global, across processes)")
     p.add_argument("--sampler-steps", type=int, default=ds.steps, help="N: sampler steps unrolled per sample")
     p.add_argument("--guidance-scale", type=float, default=None,
@@ -80,7 +83,7 @@ def _config(args: argparse.Namespace) -> LearnRequest:
     beta = cal.ladder[0] if cal is not None else parse_beta(args.beta)
     cfg = LearnConfig(beta=beta, recon=args.recon, steps=args.steps, lr=args.lr, lr_min=args.lr_min,
                       optimizer=args.optimizer, weight_decay=args.weight_decay, batch=args.batch, kinds=kinds,
-                      sampler=_sampler(args), seed=args.seed, precision=args.precision)
+                      sampler=_sampler(args), seed=args.seed, precision=args.precision, weight_lr=args.tune_weights)
     return LearnRequest(model=args.model, out=args.out, config=cfg, prompts_file=args.prompts,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
                         guidance_scale=args.guidance_scale, history=args.history, drift_prompts=args.drift_prompts,
@@ -110,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
     drift = meta.get("neutral_drift_rel")
     print(f"wrote {req.out}  beta {meta.get('beta')}  closed: {closed}  neutral drift (rel): {drift or '-'}  "
           f"({result.wall_s:.0f} s)")
+    if result.unet is not None:
+        from uniforget.learn import tuned_unet_path_for
+
+        d = tuned_unet_path_for(req.out)
+        print(f"  weights tuned jointly (lr {meta.get('weight_lr')}): {d}/; these masks gate that copy, not the "
+              f"original: uniforget prune --unet {d} --masks {req.out} --ratio 0.05 --out DIR")
     if meta.get("beta_mode") == "auto":
         print(f"  --beta auto: ladder beta:held-out drift {meta['calibration_rungs']}, budget "
               f"{meta['calibration_budget_rel_drift']}, chose beta {meta['beta']}"

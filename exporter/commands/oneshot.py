@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "training prompts for the toy, else the shipped generic list)")
     p.add_argument("--retrain-steps", type=int, default=0,
                    help="brief neutral retrain of the slim UNet against the original (default 0 = off)")
+    p.add_argument("--tune-weights", type=float, default=0.0, metavar="LR",
+                   help="learn the masks jointly with a fine-tuned copy of the UNet's weights at this rate, against "
+                        "the frozen original (needs a number or preset for --beta; default 0 = off, the paper's "
+                        "recipe; docs/dememorization.md 0h)")
     v = p.add_argument_group("validation (defaults sized to keep the toy's run within ~10 min on 2 CPU cores)")
     v.add_argument("--no-validate", action="store_true", help="skip memorization/quality evaluation and latency")
     v.add_argument("--seeds", type=int, default=8, help="seeds per memorized caption (default 8)")
@@ -144,6 +148,7 @@ def options_from_args(args: argparse.Namespace):
         fp16=args.fp16,
         out=args.out, force=args.force, validate=not args.no_validate, learn_steps=args.learn_steps,
         eval_spec=args.eval_spec, eval_prompts=args.eval_prompts, retrain_steps=args.retrain_steps,
+        tune_weights=args.tune_weights,
         prompts=args.prompts,
         progress=not args.quiet,
         tolerances=Tolerances(slim_atol=args.slim_atol, onnx_atol=args.onnx_atol, trt_atol=args.trt_atol,

@@ -253,3 +253,38 @@ def test_masks_of_another_model_refused_and_nothing_left(tiny_model_dir, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "learned for model" in err[0]
     assert not out.exists() and _leftovers(out) == []
+
+
+def test_tune_weights_prunes_the_tuned_copy(tiny_model_dir, tmp_path):
+    """--tune-weights: the masks are learned with a tuned copy of the weights, the plan and the slim == gated gate
+    are on that copy, and masks from `uniforget learn --tune-weights` are found with their UNet beside them."""
+    from exporter.cli import main
+    from uniforget.fingerprint import model_fingerprint
+    from uniforget.masks import MaskSet
+    from uniforget.models import load_pipeline
+
+    base = ExportOptions(model=str(tiny_model_dir), out=tmp_path / "o", tune_weights=1e-3)
+    with pytest.raises(ExportError, match="--beta auto ladder does not tune weights"):
+        oneshot.preflight(base)
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    with pytest.raises(ExportError, match="drop --masks"):
+        oneshot.preflight(replace(base, beta="10", masks=tmp_path / "m.safetensors"))
+    with pytest.raises(ExportError, match="--tune-weights must be"):
+        oneshot.preflight(replace(base, beta="10", tune_weights=float("nan")))
+
+    original = model_fingerprint(load_pipeline(str(tiny_model_dir)).unet)
+    # gates start clamped at 1 (no reconstruction gradient), so the weights move only once some gates open
+    res = run_export(replace(base, beta="50", learn_steps=20, validate=False, progress=False))
+    ms = MaskSet.load(res.out / "masks.safetensors")
+    assert ms.meta["teacher_fingerprint"] == original != ms.model_fingerprint
+    assert all(g["passed"] for g in res.parity.values())
+    assert "tuned jointly" in json.loads((res.out / "report" / "report.json").read_text())["options"]["masks_source"]
+
+    masks = tmp_path / "learned" / "m.safetensors"
+    assert main(["learn", "--model", str(tiny_model_dir), "--out", str(masks), "--beta", "50", "--steps", "4",
+                 "--lr", "0.5", "--batch", "2", "--sampler-steps", "1", "--device", "cpu", "--no-progress", "--tune-weights",
+                 "1e-3", "--drift-prompts", "0"]) == 0
+    assert MaskSet.load(masks).model_fingerprint != original, "the learn run must have tuned the copy"
+    again = run_export(replace(base, beta="10", tune_weights=0.0, masks=masks, out=tmp_path / "o2", validate=False,
+                               progress=False))
+    assert all(g["passed"] for g in again.parity.values())

@@ -276,3 +276,65 @@ def test_cli_controls_match_learned_drift(pipe_dir, tmp_path):
         assert abs(float(c.meta["control_drift_mse"]) - target) <= 0.25 * target, (name, c.meta)
         same = all(torch.equal(c.gate_values()[k], learned.gate_values()[k]) for k in c.logits)
         assert not same, f"the {name} control must differ from the learned gates"
+
+
+def test_joint_weight_tuning_tunes_a_copy_and_resumes_exactly(pipe, cond, tmp_path):
+    """--tune-weights: the original stays untouched, the MaskSet belongs to the tuned copy, and a killed run
+    resumed from its checkpoint ends with the same gates and the same tuned weights, bit for bit."""
+    assert "weight_lr" not in LearnConfig().to_json(), "the frozen recipe must keep the identity of earlier runs"
+    ref = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cfg = replace(FAST, beta=5.0, steps=6, weight_lr=1e-3)
+    full = _learn(pipe, cond, cfg)
+    assert all(torch.equal(v, ref[k]) for k, v in pipe.unet.state_dict().items()), "the original must not change"
+    assert full.unet is not None and _learn(pipe, cond, replace(cfg, weight_lr=0.0)).unet is None
+    assert any(not torch.equal(v, ref[k]) for k, v in full.unet.state_dict().items()), "the copy must be tuned"
+    assert full.maskset.model_fingerprint == model_fingerprint(full.unet) != model_fingerprint(pipe.unet)
+    assert full.maskset.meta["teacher_fingerprint"] == model_fingerprint(pipe.unet)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_4(stats):
+        if stats.step == 4:
+            raise Killed
+
+    ckpt = tmp_path / "j.ckpt.safetensors"
+    with pytest.raises(Killed):
+        _learn(pipe, cond, cfg, checkpoint_path=ckpt, checkpoint_every=3, callback=kill_at_4)
+    torch.manual_seed(12345)
+    resumed = _learn(pipe, cond, cfg, checkpoint_path=ckpt, checkpoint_every=3, resume=True)
+    assert resumed.resumed_from == 3
+    for k in full.maskset.logits:
+        assert torch.equal(full.maskset.logits[k], resumed.maskset.logits[k]), k
+    tuned = resumed.unet.state_dict()
+    for k, v in full.unet.state_dict().items():
+        assert torch.equal(v, tuned[k]), k
+
+
+def test_cli_tune_weights_writes_a_unet_prune_accepts(pipe_dir, tmp_path, capsys):
+    prompts = tmp_path / "neutral.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "masks.safetensors"
+    common = ["learn", "--model", str(pipe_dir), "--out", str(out), "--prompts", str(prompts), "--steps", "3",
+              "--batch", "2", "--sampler-steps", "2", "--device", "cpu", "--no-progress", "--tune-weights", "1e-3"]
+    assert main([*common, "--beta", "auto"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--beta auto cannot tune weights" in err[0] and not out.exists()
+    assert main([*common, "--beta", "50", "--lr", "0.3", "--controls"]) == 0
+    unet_dir = tmp_path / "masks.unet"
+    assert (unet_dir / "config.json").is_file() and not list(tmp_path.glob("*.partial"))
+    ms = MaskSet.load(out)
+    assert ms.meta["weight_lr"] == "0.001" and float(ms.meta["neutral_drift_rel"]) > 0
+    for name in ("random", "shuffled"):  # controls gate the original, not the tuned copy
+        assert MaskSet.load(tmp_path / f"masks.control-{name}.safetensors").model_fingerprint == \
+            ms.meta["teacher_fingerprint"]
+    slim = tmp_path / "slim"
+    assert main(["prune", "--unet", str(unet_dir), "--masks", str(out), "--ratio", "0.05", "--out", str(slim)]) == 0
+    assert "parity slim vs gated" in capsys.readouterr().out
+    # the original pipeline refuses the tuned run's masks: they belong to the tuned weights
+    capsys.readouterr()
+    assert main(["prune", "--model", str(pipe_dir), "--masks", str(out), "--ratio", "0.05",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert main(["validate", "--model", str(pipe_dir), "--masks", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--tune-weights" in err[-1] and "--slim" in err[-1]
