@@ -22,7 +22,14 @@ def main() -> None:
     from uniforget.calibrate import CalibrationConfig, split_prompts
     from uniforget.evaluate import model_guidance
     from uniforget.gating import attach_gates
-    from uniforget.learn import DriftMeter, LearnConfig, kind_summary, learn_masks, prompts_sha256
+    from uniforget.learn import (
+        DriftMeter,
+        LearnConfig,
+        kind_summary,
+        learn_masks,
+        prompts_sha256,
+        tuned_unet_path_for,
+    )
     from uniforget.models import load_pipeline
     from uniforget.prompts import load_prompts
     from uniforget.sampler import encode_prompts
@@ -33,7 +40,8 @@ def main() -> None:
     ap.add_argument("--tune-weights", type=float, default=0.0, metavar="LR")
     ap.add_argument("--steps", type=int, default=LearnConfig.steps)
     ap.add_argument("--prompts", type=Path, default=None)
-    ap.add_argument("--masks-out", type=Path, default=None, help="also write the MaskSet here")
+    ap.add_argument("--masks-out", type=Path, default=None,
+                    help="also write the MaskSet here (and, with --tune-weights, the tuned UNet beside it as .unet/)")
     ap.add_argument("--out", type=Path, required=True, help="JSON to write")
     args = ap.parse_args()
 
@@ -62,6 +70,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=1) + "\n")
     if args.masks_out is not None:
+        if res.unet is not None:
+            res.unet.save_pretrained(tuned_unet_path_for(args.masks_out), safe_serialization=True)
         res.maskset.save(args.masks_out)
 
 
