@@ -543,7 +543,8 @@ def run_retrain(req: RetrainRequest, callback: Callable[[RetrainStep], None] | N
     accelerator = _accelerator(req.device)
     pipe = load_pipeline(req.model)
     teacher_fp = model_fingerprint(pipe.unet)
-    if plan.model_fingerprint != teacher_fp:
+    # a slim UNet cut from a copy tuned with its masks (learn --tune-weights) has that copy's teacher as its original
+    if teacher_fp not in (plan.model_fingerprint, plan.maskset_meta.get("teacher_fingerprint")):
         raise RetrainError(f"{req.slim} was pruned from model {plan.model_fingerprint} but {req.model} is "
                            f"{teacher_fp}; retrain against the model the slim UNet was cut from")
     device = accelerator.device

@@ -331,6 +331,10 @@ def test_cli_tune_weights_writes_a_unet_prune_accepts(pipe_dir, tmp_path, capsys
     slim = tmp_path / "slim"
     assert main(["prune", "--unet", str(unet_dir), "--masks", str(out), "--ratio", "0.05", "--out", str(slim)]) == 0
     assert "parity slim vs gated" in capsys.readouterr().out
+    # the retrain's teacher is the original the tuned copy came from
+    assert main(["retrain", "--slim", str(slim), "--out", str(tmp_path / "rt"), "--model", str(pipe_dir),
+                 "--prompts", str(prompts), "--steps", "1", "--batch", "2", "--sampler-steps", "1",
+                 "--drift-prompts", "2", "--device", "cpu", "--no-progress"]) == 0
     # the original pipeline refuses the tuned run's masks: they belong to the tuned weights
     capsys.readouterr()
     assert main(["prune", "--model", str(pipe_dir), "--masks", str(out), "--ratio", "0.05",
