@@ -432,7 +432,7 @@ def stage_retrain(run: _Run) -> tuple[str, dict | None]:
     run.slim.requires_grad_(False)
     save_slim_unet(run.slim, run.plan, run.tmp / "unet", overwrite=True)
     first, last = (res.history[0].loss, res.history[-1].loss) if res.history else (float("nan"),) * 2
-    return (f"{cfg.steps} steps on {len(prompts)} neutral prompts, noise-matching loss {first:.3g} -> {last:.3g}; "
+    return (f"{cfg.steps} steps on {len(prompts)} neutral prompts, {cfg.objective} loss {first:.3g} -> {last:.3g}; "
             "unet/ now holds the retrained weights"), None
 
 
