@@ -297,6 +297,7 @@ def stage_load(run: _Run) -> tuple[str, dict | None]:
 
 def stage_masks(run: _Run) -> tuple[str, dict | None]:
     from uniforget.fingerprint import model_fingerprint
+    from uniforget.learn import tuned_unet_path_for
     from uniforget.masks import MaskSet
 
     opts = run.opts
@@ -305,9 +306,10 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
     src = Path(opts.masks) if opts.masks else (shipped_masks(opts.model, opts.beta) if not opts.tune_weights
                                                else None)
     if src is not None:
-        run.base = _tuned_base(src, run.dense, fp)
-        run.masks = MaskSet.load(src, expect_fingerprint=fp if run.base is run.dense else model_fingerprint(run.base))
-        run.masks_source = str(src) + ("" if run.base is run.dense else f" with its tuned UNet {_tuned_dir(src)}")
+        run.masks = MaskSet.load(src)
+        run.base = _gated_unet(run.masks, src, run.dense, fp)
+        run.masks_source = str(src) + ("" if run.base is run.dense else
+                                       f" with its tuned UNet {tuned_unet_path_for(src)}")
         summary = f"loaded {src} (beta {run.masks.meta.get('beta', '?')})"
         for name in ("random", "shuffled"):  # controls shipped beside the masks (uniforget learn --controls)
             c = src.with_name(src.name.removesuffix(".safetensors") + f".control-{name}.safetensors")
@@ -328,7 +330,8 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
         out = run.tmp / "masks.learned.safetensors"
         want_controls = opts.validate and opts.size.controls and _eval_data(run) is not None
         req = LearnRequest(model=str(opts.model), out=out, config=cfg, checkpoint_every=0, prompts_file=opts.prompts,
-                           drift_prompts=16 if want_controls else 0, controls=want_controls, calibration=cal)
+                           drift_prompts=16 if want_controls else 0, controls=want_controls, calibration=cal,
+                           write_unet=False)
         res = run_learn(req, callback=lambda stats: run.obs.advance(1))
         run.masks = res.maskset
         run.masks_source = f"learned here (beta {res.maskset.meta.get('beta')}" + (
@@ -336,12 +339,7 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
             f", weights tuned jointly at lr {opts.tune_weights:g}" if res.unet is not None else "") + \
             f", {res.wall_s:.0f} s)"
         if res.unet is not None:  # plan and prune the tuned copy; the original stays the reference everywhere else
-            import shutil
-
-            from uniforget.learn import tuned_unet_path_for
-
             run.base = res.unet
-            shutil.rmtree(tuned_unet_path_for(out), ignore_errors=True)
         for name in ("random", "shuffled") if want_controls else ():
             run.controls[name] = MaskSet.load(control_path_for(out, name))
             control_path_for(out, name).unlink(missing_ok=True)
@@ -351,23 +349,22 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
     return summary, None
 
 
-def _tuned_dir(masks: Path) -> Path:
+def _gated_unet(masks: Any, path: Path, dense: Any, fp: str) -> Any:
+    """The UNet a MaskSet file gates: the original, or the tuned copy `uniforget learn --tune-weights` wrote beside
+    it (`masks.unet/`) when the MaskSet names that copy instead; masks of any other model are refused."""
     from uniforget.learn import tuned_unet_path_for
 
-    return tuned_unet_path_for(masks)
-
-
-def _tuned_base(masks: Path, dense: Any, fp: str) -> Any:
-    """The UNet a MaskSet file gates: the original, or the tuned copy `uniforget learn --tune-weights` wrote beside
-    it (`masks.unet/`), when the MaskSet names that copy's fingerprint instead of the original's."""
-    from uniforget.masks import MaskSet
-
-    d = _tuned_dir(masks)
-    if MaskSet.load(masks).model_fingerprint == fp or not (d / "config.json").is_file():
-        return dense  # MaskSet.load(expect_fingerprint=fp) then accepts it or names the mismatch
+    d = tuned_unet_path_for(path)
+    if masks.model_fingerprint == fp or not (d / "config.json").is_file():
+        masks.check_model(fp)
+        return dense
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel.from_pretrained(d).eval().requires_grad_(False)
+    from uniforget.fingerprint import model_fingerprint
+
+    tuned = UNet2DConditionModel.from_pretrained(d).eval().requires_grad_(False)
+    masks.check_model(model_fingerprint(tuned))
+    return tuned
 
 
 def stage_plan(run: _Run) -> tuple[str, dict | None]:

@@ -21,7 +21,6 @@ from pathlib import Path
 def main() -> None:
     from uniforget.calibrate import CalibrationConfig, split_prompts
     from uniforget.evaluate import model_guidance
-    from uniforget.gating import attach_gates
     from uniforget.learn import (
         DriftMeter,
         LearnConfig,
@@ -57,11 +56,7 @@ def main() -> None:
                       prompts_sha=prompts_sha256(learn_p))
     meter = DriftMeter(pipe.unet, pipe.scheduler, encode_prompts(pipe, held_p), cfg.sampler, seed=cfg.seed + 1)
     gates = res.maskset.gate_values()
-    if res.unet is None:
-        drift = meter(gates)
-    else:
-        with attach_gates(res.unet, gates):
-            drift = meter.of(res.unet)
+    drift = meter(gates, res.unet)  # a tuned copy is gated, not the original
     closed = kind_summary(gates)[0]
     row = {"beta": args.beta, "tune_weights": args.tune_weights, "steps": args.steps, "learn_prompts": len(learn_p),
            "heldout_prompts": len(held_p), "heldout_drift_rel": drift["rel"], "heldout_drift_mse": drift["mse"],

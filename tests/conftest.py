@@ -38,3 +38,24 @@ def planted_eval_data() -> Callable[..., Any]:
             neutral_shapes=tuple(shapes), neutral_colours=tuple(colours), judge=constant_judge)
 
     return build
+
+
+class _Kill:
+    """Step callbacks that stop a run mid-way, as a kill would: `with pytest.raises(kill.Killed): run(callback=
+    kill.at(4))`; a run's last checkpoint then stays for `--resume`."""
+
+    class Killed(Exception):
+        pass
+
+    @classmethod
+    def at(cls, step: int) -> Callable[[Any], None]:
+        def callback(stats: Any) -> None:
+            if stats.step == step:
+                raise cls.Killed
+
+        return callback
+
+
+@pytest.fixture(scope="session")
+def kill() -> type[_Kill]:
+    return _Kill

@@ -460,12 +460,12 @@ def validate(opts: ValidateOptions) -> ValidateReport:
         from .masks import MaskSet
 
         fp = model_fingerprint(pipe.unet)
-        ms = MaskSet.load(opts.masks)
-        if "teacher_fingerprint" in ms.meta and ms.model_fingerprint != fp:
+        masks = MaskSet.load(opts.masks)
+        if "teacher_fingerprint" in masks.meta and masks.model_fingerprint != fp:
             raise MaskSetError(f"{opts.masks} gates the copy of the weights its run tuned (learn --tune-weights), "
                                "not this model: prune that copy (uniforget prune --unet ... --masks ...) and pass "
                                "the slim folder with --slim")
-        masks = MaskSet.load(opts.masks, expect_fingerprint=fp)
+        masks.check_model(fp)
     judge_dir = opts.judge if opts.judge is not None else judge_beside(model_dir)
     if opts.prompts:
         size = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))

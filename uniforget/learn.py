@@ -227,8 +227,7 @@ def _save_checkpoint(path: Path, step: int, gates: GateParams, opt: torch.optim.
     """Gate params (+ tuned weights) + optimizer tensors + RNG states in safetensors; scalars in the JSON header."""
     tensors = {f"gate/{k}": p.detach().cpu().contiguous() for k, p in gates.params.items()}
     tensors.update({f"weight/{n}": p.detach().cpu().contiguous() for n, p in weights})
-    names = list(gates.params) + [f"weight/{n}" for n, _ in weights]
-    write_state(path, _CKPT_FORMAT, step, tensors, ident, opt, names, sched, gen)
+    write_state(path, _CKPT_FORMAT, step, tensors, ident, opt, _state_names(gates, weights), sched, gen)
 
 
 def _load_checkpoint(path: Path, gates: GateParams, opt: torch.optim.Optimizer,
@@ -248,8 +247,12 @@ def _load_checkpoint(path: Path, gates: GateParams, opt: torch.optim.Optimizer,
             p.copy_(tensors[f"gate/{k}"])
         for n, p in weights:
             p.copy_(tensors[f"weight/{n}"])
-    names = list(gates.params) + [f"weight/{n}" for n, _ in weights]
-    return restore_state(tensors, meta, names, opt, sched, gen, clone=bool(weights))
+    return restore_state(tensors, meta, _state_names(gates, weights), opt, sched, gen, clone=bool(weights))
+
+
+def _state_names(gates: GateParams, weights: Sequence[tuple[str, torch.nn.Parameter]]) -> list[str]:
+    """The optimizer's parameters in order, as the checkpoint names them: the gates, then any tuned weights."""
+    return list(gates.params) + [f"weight/{n}" for n, _ in weights]
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -424,11 +427,13 @@ class DriftMeter:
             self.batches.append((c, z0, sample(unet, scheduler, z0, c, self.cfg)))
 
     @torch.no_grad()
-    def __call__(self, gates: dict[str, GateSource] | None) -> dict[str, float]:
+    def __call__(self, gates: dict[str, GateSource] | None, unet: Any = None) -> dict[str, float]:
+        """Drift of `unet` (default: the original itself) with `gates` attached to it."""
+        target = self.unet if unet is None else unet
         if not gates:
-            return self.of(None)
-        with attach_gates(self.unet, gates):
-            return self.of(self.unet)
+            return self.of(unet)
+        with attach_gates(target, gates):
+            return self.of(target)
 
     @torch.no_grad()
     def of(self, unet: Any) -> dict[str, float]:
@@ -470,6 +475,7 @@ class LearnRequest:
     controls: bool = False         # also write random-removal and shuffled-gates controls at matched drift
     calibration: Any = None        # calibrate.CalibrationConfig for --beta auto: it splits the prompts and runs the
                                    # ladder (duck-typed: calibrate imports learn, never the reverse)
+    write_unet: bool = True        # weight_lr > 0: write the tuned copy beside `out` (the one-shot keeps it in memory)
 
 
 def checkpoint_path_for(out: Path) -> Path:
@@ -527,11 +533,7 @@ def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = 
         # how far the gated model's outputs moved on (a sample of) the neutral prompts it learned from
         meter = DriftMeter(pipe.unet, pipe.scheduler, cond.select(list(range(n))), cfg.sampler, seed=cfg.seed + 1,
                            height=cfg.height, width=cfg.width)
-        if result.unet is None:
-            d = meter(result.maskset.gate_values())
-        else:  # the tuned copy with its gates, against the same original latents
-            with attach_gates(result.unet, result.maskset.gate_values()):
-                d = meter.of(result.unet)
+        d = meter(result.maskset.gate_values(), result.unet)  # a tuned copy is gated, not the original
         meta.update({"neutral_drift_mse": f"{d['mse']:.6g}", "neutral_drift_rel": f"{d['rel']:.6g}",
                      "neutral_drift_prompts": str(n)})
         log.info("neutral drift on %d training prompts (N=%d): mse %.4g, relative %.4g", n, cfg.sampler.steps,
@@ -545,7 +547,7 @@ def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = 
             controls = matched_controls(base, lambda g: meter(g)["mse"], d["mse"], seed=cfg.seed)
     ms = replace(result.maskset, meta=meta)
     if accelerator.is_main_process:
-        if result.unet is not None:
+        if result.unet is not None and req.write_unet:
             unet_dir = tuned_unet_path_for(req.out)
             _save_unet_atomically(result.unet, unet_dir)
             log.info("wrote the jointly tuned UNet to %s (prune it with: uniforget prune --unet %s --masks %s)",

@@ -84,21 +84,14 @@ def test_loss_is_reconstruction_plus_beta_l1(pipe, cond, recon):
     assert learned.maskset.meta["recon"] == recon
 
 
-def test_resume_equals_uninterrupted(pipe, cond, tmp_path):
+def test_resume_equals_uninterrupted(pipe, cond, tmp_path, kill):
     cfg = replace(FAST, beta=5.0, steps=6)
     full = _learn(pipe, cond, cfg).maskset
 
     ckpt = tmp_path / "m.ckpt.safetensors"
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_4(stats):
-        if stats.step == 4:
-            raise Killed
-
-    with pytest.raises(Killed):
-        _learn(pipe, cond, cfg, checkpoint_path=ckpt, checkpoint_every=3, callback=kill_at_4)
+    with pytest.raises(kill.Killed):
+        _learn(pipe, cond, cfg, checkpoint_path=ckpt, checkpoint_every=3, callback=kill.at(4))
     torch.manual_seed(12345)  # a fresh process would not share the global RNG state either
     resumed = _learn(pipe, cond, cfg, checkpoint_path=ckpt, checkpoint_every=3, resume=True)
     assert resumed.resumed_from == 3 and len(resumed.history) == 3
@@ -278,7 +271,7 @@ def test_cli_controls_match_learned_drift(pipe_dir, tmp_path):
         assert not same, f"the {name} control must differ from the learned gates"
 
 
-def test_joint_weight_tuning_tunes_a_copy_and_resumes_exactly(pipe, cond, tmp_path):
+def test_joint_weight_tuning_tunes_a_copy_and_resumes_exactly(pipe, cond, tmp_path, kill):
     """--tune-weights: the original stays untouched, the MaskSet belongs to the tuned copy, and a killed run
     resumed from its checkpoint ends with the same gates and the same tuned weights, bit for bit."""
     assert "weight_lr" not in LearnConfig().to_json(), "the frozen recipe must keep the identity of earlier runs"
@@ -291,16 +284,9 @@ def test_joint_weight_tuning_tunes_a_copy_and_resumes_exactly(pipe, cond, tmp_pa
     assert full.maskset.model_fingerprint == model_fingerprint(full.unet) != model_fingerprint(pipe.unet)
     assert full.maskset.meta["teacher_fingerprint"] == model_fingerprint(pipe.unet)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_4(stats):
-        if stats.step == 4:
-            raise Killed
-
     ckpt = tmp_path / "j.ckpt.safetensors"
-    with pytest.raises(Killed):
-        _learn(pipe, cond, cfg, checkpoint_path=ckpt, checkpoint_every=3, callback=kill_at_4)
+    with pytest.raises(kill.Killed):
+        _learn(pipe, cond, cfg, checkpoint_path=ckpt, checkpoint_every=3, callback=kill.at(4))
     torch.manual_seed(12345)
     resumed = _learn(pipe, cond, cfg, checkpoint_path=ckpt, checkpoint_every=3, resume=True)
     assert resumed.resumed_from == 3

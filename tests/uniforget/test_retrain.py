@@ -111,21 +111,14 @@ def test_teacher_states_are_where_the_sampler_queries(pipe, cond):
     assert float(mse.max()) < 1e-10 and float(norm.min()) > 0
 
 
-def test_resume_equals_uninterrupted(pipe, cond, slim, tmp_path):
+def test_resume_equals_uninterrupted(pipe, cond, slim, tmp_path, kill):
     _, s = slim
     full = _retrain(pipe, copy.deepcopy(s), cond, FAST)
     assert not _equal(_state(full.unet), _state(s)), "the run must move weights"
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_4(stats):
-        if stats.step == 4:
-            raise Killed
-
     ckpt = tmp_path / "unet.retrain-ckpt.safetensors"
-    with pytest.raises(Killed):
-        _retrain(pipe, copy.deepcopy(s), cond, FAST, checkpoint_path=ckpt, checkpoint_every=3, callback=kill_at_4)
+    with pytest.raises(kill.Killed):
+        _retrain(pipe, copy.deepcopy(s), cond, FAST, checkpoint_path=ckpt, checkpoint_every=3, callback=kill.at(4))
     torch.manual_seed(12345)  # a fresh process would not share the global RNG state either
     seen = []
     resumed = _retrain(pipe, copy.deepcopy(s), cond, FAST, checkpoint_path=ckpt, checkpoint_every=3, resume=True,
