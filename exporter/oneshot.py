@@ -259,9 +259,6 @@ def preflight(opts: ExportOptions) -> Path:
     if opts.tune_weights > 0 and opts.masks is not None:
         raise ExportError("--tune-weights learns new masks; drop --masks (masks from `uniforget learn "
                           "--tune-weights` are found with their tuned UNet beside them)")
-    if opts.tune_weights > 0 and opts.beta == "auto":
-        raise ExportError("--tune-weights needs a number or preset for --beta (the --beta auto ladder does not "
-                          "tune weights)")
     model_path = resolve_model_path(opts.model)
     if not Path(model_path).exists():
         hint = (" (the embedded toy is not installed in this checkout: train it with scripts/train_toy.py)"

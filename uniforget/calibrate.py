@@ -13,6 +13,9 @@ another (docs/dememorization.md). The rule, measurable on any model without outs
 4. Keep the strongest rung whose drift is <= `budget`; stop at the first rung over it. If even the first
    rung is over budget, keep it and say so (the user should lower the ladder or raise the budget).
 
+With `weight_lr > 0` (`--tune-weights`) each rung also continues from the tuned weights of the rung below, the
+drift is that of the gated tuned copy, and the chosen rung's copy comes back as `CalibrationResult.unet`.
+
 Nothing but the neutral prompt list enters this choice: no memorized caption, planted image or evaluation
 prompt is read here (tests/uniforget/test_calibrate.py fails if one is).
 """
@@ -96,6 +99,7 @@ class CalibrationResult:
     chosen: int  # index into rungs
     config: CalibrationConfig
     over_budget: bool  # even the first rung exceeded the budget
+    unet: object = None  # weight_lr > 0: the chosen rung's jointly tuned copy (its MaskSet gates it)
 
     @property
     def beta(self) -> float:
@@ -136,23 +140,28 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
                        width=cfg.width)
     rungs: list[Rung] = []
     masks: list[MaskSet] = []
-    init = None
+    unets: list[object] = []  # joint mode: each rung's tuned copy (only the first and the last two are kept)
+    init = start = None
     for i, beta in enumerate(cal.ladder):
         rcfg = replace(cfg, beta=float(beta), steps=cfg.steps if i == 0 else rung_steps)
         t0 = time.perf_counter()
         res = learn_masks(unet, scheduler, cond_learn, rcfg, prompts_sha=prompts_sha, accelerator=accelerator,
-                          init=init, callback=None if callback is None else (lambda s, i=i: callback(i, s)))
+                          init=init, start_unet=start,
+                          callback=None if callback is None else (lambda s, i=i: callback(i, s)))
         values = res.maskset.gate_values()
-        d = meter(values)
+        d = meter(values, res.unet)  # a tuned copy is gated, not the original
         closed, mean_gate = kind_summary(values)
         rung = Rung(float(beta), d["rel"], d["mse"], closed, mean_gate, rcfg.steps, time.perf_counter() - t0)
         rungs.append(rung)
         masks.append(res.maskset)
+        unets.append(res.unet)
+        if len(unets) > 3:  # the chosen rung is the first, the one below the first over budget, or the last
+            unets[-3] = None
         log.info("calibration rung beta %g: held-out neutral drift %.4f (budget %.4f), closed %s", beta, d["rel"],
                  cal.budget, ", ".join(f"{k} {v:.1%}" for k, v in closed.items()))
         if not rung.within(cal.budget):
             break
-        init = res.maskset.logits
+        init, start = res.maskset.logits, res.unet
     within = [i for i, r in enumerate(rungs) if r.within(cal.budget)]
     over = not within
     chosen = within[-1] if within else 0
@@ -167,4 +176,4 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
             "calibration_rungs": ";".join(f"{r.beta:g}:{r.drift_rel:.5g}" for r in rungs),
             "steps": str(sum(r.steps for r in rungs[:chosen + 1])),
             "neutral_drift_rel_holdout": f"{rungs[chosen].drift_rel:.6g}"}
-    return CalibrationResult(replace(ms, meta=meta), tuple(rungs), chosen, cal, over)
+    return CalibrationResult(replace(ms, meta=meta), tuple(rungs), chosen, cal, over, unets[chosen])

@@ -279,8 +279,8 @@ def _make_optimizer(params: list[torch.nn.Parameter], cfg: LearnConfig) -> torch
 def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig, *, prompts_sha: str = "",
                 checkpoint_path: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
                 callback: Callable[[StepStats], None] | None = None, accelerator: Any = None,
-                extra_meta: dict[str, str] | None = None, init: dict[str, torch.Tensor] | None = None
-                ) -> LearnResult:
+                extra_meta: dict[str, str] | None = None, init: dict[str, torch.Tensor] | None = None,
+                start_unet: Any = None) -> LearnResult:
     """Learn gates on the neutral prompts in `cond`; return the MaskSet (gate logits + provenance).
 
     `callback(stats)` runs after every step (progress bars; raising from it stops the run, the last
@@ -289,6 +289,8 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
     warm-starts the gates instead of "every gate exactly 1" (calibration's ladder continues from the rung below).
     With `cfg.weight_lr > 0` a copy of `unet` is fine-tuned jointly with its gates against the frozen `unet`
     (returned as `LearnResult.unet`; the MaskSet carries its fingerprint, and `unet` itself is left untouched).
+    `start_unet` (joint mode only) is where that copy starts instead of `unet`: calibration's ladder continues
+    from the weights of the rung below, as it does from its gates; `unet` stays the teacher.
     """
     device = torch.device(accelerator.device) if accelerator is not None else next(unet.parameters()).device
     world = accelerator.num_processes if accelerator is not None else 1
@@ -301,7 +303,9 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
     unet.requires_grad_(False).eval().to(device)
     cond = cond.to(device)
     # joint mode (weight_lr > 0): the gates sit on a trainable copy, `unet` stays the frozen original (the teacher)
-    student = _trainable_copy(unet) if cfg.weight_lr > 0 else unet
+    if start_unet is not None and cfg.weight_lr <= 0:
+        raise LearnError("start_unet is for joint runs (weight_lr > 0): frozen gates learn on the original itself")
+    student = _trainable_copy(unet if start_unet is None else start_unet) if cfg.weight_lr > 0 else unet
     weights = list(student.named_parameters()) if cfg.weight_lr > 0 else []
     targets = discover_targets(student, cfg.kinds)
     if not targets:
@@ -320,8 +324,9 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    start_fp = None if start_unet is None else model_fingerprint(start_unet)
     ident = {"model_fingerprint": fingerprint, "prompts_sha256": prompts_sha, "learn_config": cfg.to_json()
-             + ("" if init is None else " init:" + _digest(init))}
+             + ("" if init is None else " init:" + _digest(init)) + ("" if start_fp is None else " start:" + start_fp)}
 
     ckpt = Path(checkpoint_path) if checkpoint_path is not None else None
     start = 0
@@ -389,6 +394,8 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
     if weights:  # the gates were learned for the tuned copy: the MaskSet belongs to it, not to the original
         tuned = student.requires_grad_(False).eval()
         meta.update({"teacher_fingerprint": fingerprint, "weight_lr": repr(cfg.weight_lr)})
+        if start_fp is not None:
+            meta["weights_start_fingerprint"] = start_fp
         fingerprint = model_fingerprint(tuned)
     ms = MaskSet(logits={k: p.detach().cpu().clone() for k, p in gates.params.items()},
                  model_fingerprint=fingerprint, gate_config=cfg.gate_config, meta=meta)
@@ -490,9 +497,6 @@ def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = 
     from .sampler import encode_prompts
 
     prompts = load_prompts(req.prompts_file, model=req.model)  # fail fast, before loading any weights
-    if req.calibration is not None and req.config.weight_lr > 0:
-        raise LearnError("--beta auto cannot tune weights yet (the ladder carries gates from rung to rung, not "
-                         "tuned weights); give a number or preset for --beta with --tune-weights")
     held: list[str] = []
     if req.calibration is not None:
         prompts, held = req.calibration.split(prompts)
@@ -517,7 +521,7 @@ def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = 
             holdout_sha=prompts_sha256(held), accelerator=accelerator,
             callback=None if record is None else (lambda _i, s: record(s)))
         result = LearnResult(replace(cal.maskset, meta={**cal.maskset.meta, "model": str(req.model)}), (),
-                             time.perf_counter() - t0)
+                             time.perf_counter() - t0, unet=cal.unet)
         cfg = replace(cfg, beta=cal.beta)
     else:
         result = learn_masks(pipe.unet, pipe.scheduler, cond, cfg, prompts_sha=prompts_sha256(prompts),

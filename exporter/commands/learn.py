@@ -51,7 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--tune-weights", type=float, default=d.weight_lr, metavar="LR",
                    help="also fine-tune a copy of the UNet's weights at this rate, jointly with the gates, against "
-                        "the frozen original (0 = off, the paper's recipe); writes OUT.unet/ for `prune --unet`")
+                        "the frozen original (0 = off, the paper's recipe; with --beta auto each rung continues from the "
+                        "rung below's weights); writes OUT.unet/ for `prune --unet`")
     p.add_argument("--batch", type=int, default=d.batch, help="prompts per step (global, across processes)")
     p.add_argument("--sampler-steps", type=int, default=ds.steps, help="N: sampler steps unrolled per sample")
     p.add_argument("--guidance-scale", type=float, default=None,

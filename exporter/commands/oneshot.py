@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="brief neutral retrain of the slim UNet against the original (default 0 = off)")
     p.add_argument("--tune-weights", type=float, default=0.0, metavar="LR",
                    help="learn the masks jointly with a fine-tuned copy of the UNet's weights at this rate, against "
-                        "the frozen original (needs a number or preset for --beta; default 0 = off, the paper's "
-                        "recipe; docs/dememorization.md 0h)")
+                        "the frozen original (with --beta auto each rung continues from the rung below's weights; "
+                        "default 0 = off, the paper's recipe; docs/dememorization.md 0h)")
     v = p.add_argument_group("validation (defaults sized to keep the toy's run within ~10 min on 2 CPU cores)")
     v.add_argument("--no-validate", action="store_true", help="skip memorization/quality evaluation and latency")
     v.add_argument("--seeds", type=int, default=8, help="seeds per memorized caption (default 8)")

@@ -264,8 +264,7 @@ def test_tune_weights_prunes_the_tuned_copy(tiny_model_dir, tmp_path):
     from uniforget.models import load_pipeline
 
     base = ExportOptions(model=str(tiny_model_dir), out=tmp_path / "o", tune_weights=1e-3)
-    with pytest.raises(ExportError, match="--beta auto ladder does not tune weights"):
-        oneshot.preflight(base)
+    oneshot.preflight(base)  # --beta auto with --tune-weights: the ladder carries the tuned weights
     (tmp_path / "m.safetensors").write_bytes(b"")
     with pytest.raises(ExportError, match="drop --masks"):
         oneshot.preflight(replace(base, beta="10", masks=tmp_path / "m.safetensors"))

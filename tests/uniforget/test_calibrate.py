@@ -71,6 +71,32 @@ def test_over_budget_at_the_first_rung_is_said(pipe):
     assert res.maskset.meta["calibration_over_budget"] == "true"
 
 
+
+def test_joint_ladder_carries_the_tuned_weights(pipe):
+    """--beta auto --tune-weights: each rung continues from the weights of the rung below, the drift is that of
+    the gated tuned copy, and the chosen rung's copy (which its MaskSet belongs to) comes back."""
+    import torch
+
+    from uniforget.fingerprint import model_fingerprint
+    from uniforget.learn import DriftMeter
+
+    learn, held = split_prompts(PROMPTS, 0.25)
+    cl, ch = encode_prompts(pipe, learn), encode_prompts(pipe, held)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cfg = replace(FAST, weight_lr=1e-2)
+    res = calibrate(pipe.unet, pipe.scheduler, cl, ch, cfg, CalibrationConfig(ladder=(5.0, 50.0), budget=1e9,
+                                                                               rung_steps=2))
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items()), "the teacher must not move"
+    assert res.chosen == 1 and res.unet is not None
+    ms = res.maskset
+    assert ms.model_fingerprint == model_fingerprint(res.unet) != ms.meta["teacher_fingerprint"]
+    assert ms.meta["teacher_fingerprint"] == model_fingerprint(pipe.unet)
+    assert ms.meta["weights_start_fingerprint"] not in (ms.meta["teacher_fingerprint"], ms.model_fingerprint)
+    meter = DriftMeter(pipe.unet, pipe.scheduler, ch, cfg.sampler, seed=cfg.seed + 7)
+    assert meter(ms.gate_values(), res.unet)["rel"] == pytest.approx(res.rungs[1].drift_rel, rel=1e-6)
+    frozen = calibrate(pipe.unet, pipe.scheduler, cl, ch, FAST, CalibrationConfig(ladder=(5.0,), budget=1e9))
+    assert frozen.unet is None and "teacher_fingerprint" not in frozen.maskset.meta
+
 TOY = Path(__file__).parents[2] / "uniforget" / "toy"
 
 

@@ -303,9 +303,12 @@ def test_cli_tune_weights_writes_a_unet_prune_accepts(pipe_dir, tmp_path, capsys
     out = tmp_path / "masks.safetensors"
     common = ["learn", "--model", str(pipe_dir), "--out", str(out), "--prompts", str(prompts), "--steps", "3",
               "--batch", "2", "--sampler-steps", "2", "--device", "cpu", "--no-progress", "--tune-weights", "1e-3"]
-    assert main([*common, "--beta", "auto"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--beta auto cannot tune weights" in err[0] and not out.exists()
+    auto = tmp_path / "auto.safetensors"
+    assert main([*common, "--out", str(auto), "--beta", "auto", "--ladder", "5,50", "--budget", "1e9",
+                 "--drift-prompts", "0"]) == 0  # the later --out wins
+    ams = MaskSet.load(auto)  # the ladder tuned the weights too: its masks come with their UNet
+    assert ams.meta["beta_mode"] == "auto" and ams.meta["weight_lr"] == "0.001"
+    assert (tmp_path / "auto.unet" / "config.json").is_file()
     assert main([*common, "--beta", "50", "--lr", "0.3", "--controls"]) == 0
     unet_dir = tmp_path / "masks.unet"
     assert (unet_dir / "config.json").is_file() and not list(tmp_path.glob("*.partial"))
