@@ -64,8 +64,11 @@ def judge_within(original: Any, after: Any) -> bool | None:
                                                                              original.n_neutral)
 
 
-STRONGER_NEXT = ("learn stronger masks (a larger --beta, or a larger --budget with --beta auto), then a neutral "
-                 "retrain (--retrain-steps 400 or more) to win back neutral quality")
+# the largest selective drop measured on the v2 toy came from gates learned with tuned weights at a larger beta,
+# then a brief retrain (docs/dememorization.md, 0h); it costs neutral drift beyond auto's budget, so it is advice
+STRONGER_NEXT = ("learn stronger masks (a larger --beta, or a larger --budget with --beta auto), jointly with tuned "
+                 "weights (--tune-weights 1e-4), then a neutral retrain (--retrain-steps 600) to win back neutral "
+                 "quality; compare its judge and drift with the original's")
 GLOBAL_MODE_NEXT = ("no mask can remove it: the original copies from the empty prompt too (global-mode "
                     "memorization), so no units serve the copies alone; deduplicate the training data and fine-tune "
                     "or retrain the model")
