@@ -296,6 +296,17 @@ def test_joint_weight_tuning_tunes_a_copy_and_resumes_exactly(pipe, cond, tmp_pa
     for k, v in full.unet.state_dict().items():
         assert torch.equal(v, tuned[k]), k
 
+    # a run continuing from tuned weights (calibration's next rung) starts there, not from the original, and a
+    # checkpoint of a run from other weights is not resumed into it
+    with pytest.raises(LearnError, match="checkpoint .* was made with another"):
+        _learn(pipe, cond, cfg, start_unet=full.unet, checkpoint_path=ckpt, resume=True)
+    cont = _learn(pipe, cond, cfg, start_unet=full.unet)
+    assert cont.maskset.meta["weights_start_fingerprint"] == model_fingerprint(full.unet)
+    assert cont.maskset.meta["teacher_fingerprint"] == model_fingerprint(pipe.unet)
+    assert cont.maskset.model_fingerprint == model_fingerprint(cont.unet) != model_fingerprint(full.unet)
+    with pytest.raises(LearnError, match="start_unet is for joint runs"):
+        _learn(pipe, cond, replace(cfg, weight_lr=0.0), start_unet=full.unet)
+
 
 def test_cli_tune_weights_writes_a_unet_prune_accepts(pipe_dir, tmp_path, capsys):
     prompts = tmp_path / "neutral.txt"
