@@ -69,6 +69,9 @@ def judge_within(original: Any, after: Any) -> bool | None:
 STRONGER_NEXT = ("learn stronger masks (a larger --beta, or a larger --budget with --beta auto), jointly with tuned "
                  "weights (--tune-weights 1e-4), then a neutral retrain (--retrain-steps 600) to win back neutral "
                  "quality; compare its judge and drift with the original's")
+QUALITY_SPENT_NEXT = ("neutral quality already fell at this strength with nothing removed, so stronger masks "
+                      "would spend more of it: lower --budget (or --beta) and compare, and check the original's "
+                      "memorization signature")
 GLOBAL_MODE_NEXT = ("no mask can remove it: the original copies from the empty prompt too (global-mode "
                     "memorization), so no units serve the copies alone; deduplicate the training data and fine-tune "
                     "or retrain the model")
@@ -108,6 +111,8 @@ def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None,
         return Verdict("nothing to reduce", f"Nothing to reduce: the original copies its references in only "
                        f"{before:.0%} of generations ({nums}).", red, nn_red, ctrl, judge)
     if red < MIN_REDUCTION:
+        if judge is False and next_step == STRONGER_NEXT:  # the budget did not protect neutral quality here
+            next_step = QUALITY_SPENT_NEXT
         return Verdict("not reduced", f"Memorization not reduced in {what}: {nums}{ctrl_txt}. Next: {next_step}.",
                        red, nn_red, ctrl, judge)
     if any(v >= CONTROL_SHARE * red for v in ctrl.values()):

@@ -71,3 +71,6 @@ def test_global_mode_original_is_not_sent_to_stronger_masks():
     spike = ev(1.0)
     spike.signature = read_signature(1.0, 1.0, EmptyPromptCheck(n=48, nearest_planted=0.0, copies=0.0, per_item_nearest={}), 1.0)
     assert "stronger masks" in decide(spike, ev(1.0)).sentence
+    # nothing removed and the judge already down (second toy testbed: 86.1% -> 72.2%): do not advise more pruning
+    spent = decide(ev(1.0, judge=0.86), ev(1.0, judge=0.72))
+    assert spent.status == "not reduced" and "lower --budget" in spent.sentence and "learn stronger" not in spent.sentence
