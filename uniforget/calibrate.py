@@ -140,8 +140,7 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
                        width=cfg.width)
     rungs: list[Rung] = []
     masks: list[MaskSet] = []
-    unets: list[object] = []  # joint mode: each rung's tuned copy (only the first and the last two are kept)
-    init = start = None
+    init = start = None  # the rung below's gates and (joint mode) tuned weights, where the next rung starts
     for i, beta in enumerate(cal.ladder):
         rcfg = replace(cfg, beta=float(beta), steps=cfg.steps if i == 0 else rung_steps)
         t0 = time.perf_counter()
@@ -154,9 +153,6 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
         rung = Rung(float(beta), d["rel"], d["mse"], closed, mean_gate, rcfg.steps, time.perf_counter() - t0)
         rungs.append(rung)
         masks.append(res.maskset)
-        unets.append(res.unet)
-        if len(unets) > 3:  # the chosen rung is the first, the one below the first over budget, or the last
-            unets[-3] = None
         log.info("calibration rung beta %g: held-out neutral drift %.4f (budget %.4f), closed %s", beta, d["rel"],
                  cal.budget, ", ".join(f"{k} {v:.1%}" for k, v in closed.items()))
         if not rung.within(cal.budget):
@@ -165,6 +161,8 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
     within = [i for i, r in enumerate(rungs) if r.within(cal.budget)]
     over = not within
     chosen = within[-1] if within else 0
+    # joint mode: the chosen rung is the last one within budget, whose copy `start` holds, or (over) the first
+    chosen_unet = res.unet if over else start
     if over:
         log.warning("even the weakest rung (beta %g) drifts %.4f on held-out neutral prompts, over the budget %.4f: "
                     "keeping it; lower the ladder or raise --budget", rungs[0].beta, rungs[0].drift_rel, cal.budget)
@@ -176,4 +174,4 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
             "calibration_rungs": ";".join(f"{r.beta:g}:{r.drift_rel:.5g}" for r in rungs),
             "steps": str(sum(r.steps for r in rungs[:chosen + 1])),
             "neutral_drift_rel_holdout": f"{rungs[chosen].drift_rel:.6g}"}
-    return CalibrationResult(replace(ms, meta=meta), tuple(rungs), chosen, cal, over, unets[chosen])
+    return CalibrationResult(replace(ms, meta=meta), tuple(rungs), chosen, cal, over, chosen_unet)

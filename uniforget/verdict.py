@@ -77,17 +77,24 @@ GLOBAL_MODE_NEXT = ("no mask can remove it: the original copies from the empty p
                     "or retrain the model")
 
 
+def _default_next(original: Any, judge: bool | None, reduction: float) -> str:
+    """What to try after a verdict short of "reduced", by the original's signature and what this strength cost."""
+    if getattr(getattr(original, "signature", None), "kind", None) == "global-mode":
+        return GLOBAL_MODE_NEXT  # stronger masks only spend neutral quality on such a model
+    if judge is False and reduction < MIN_REDUCTION:
+        return QUALITY_SPENT_NEXT  # the budget did not protect neutral quality here, and nothing was removed
+    return STRONGER_NEXT
+
+
 def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None, what: str = "the slim model",
            next_step: str | None = None) -> Verdict:
     """The verdict for `after` (an Evaluation) against `original`, with control Evaluations at matched drift.
 
-    `next_step` (what a "not reduced" verdict suggests) defaults by the original's memorization signature: on a
-    global-mode model stronger masks only spend neutral quality, so the advice points away from pruning.
+    `next_step` (what a "not reduced" verdict suggests) defaults by the original's memorization signature and by
+    what the strength cost (`_default_next`): on a global-mode model, or where the judge fell with nothing
+    removed, stronger masks only spend neutral quality, so the advice points away from them.
     """
     controls = dict(controls or {})
-    if next_step is None:
-        next_step = GLOBAL_MODE_NEXT if getattr(getattr(original, "signature", None), "kind", None) == "global-mode" \
-            else STRONGER_NEXT
     if not _ok(original.memorized.copy_rate):
         wen = (f"Wen's AUC {original.wen_auc:.2f} -> {after.wen_auc:.2f}" if _ok(original.wen_auc)
                and _ok(after.wen_auc) else "Wen's noise norm not measured")
@@ -110,9 +117,9 @@ def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None,
     if before < MIN_ORIGINAL:
         return Verdict("nothing to reduce", f"Nothing to reduce: the original copies its references in only "
                        f"{before:.0%} of generations ({nums}).", red, nn_red, ctrl, judge)
+    if next_step is None:
+        next_step = _default_next(original, judge, red)
     if red < MIN_REDUCTION:
-        if judge is False and next_step == STRONGER_NEXT:  # the budget did not protect neutral quality here
-            next_step = QUALITY_SPENT_NEXT
         return Verdict("not reduced", f"Memorization not reduced in {what}: {nums}{ctrl_txt}. Next: {next_step}.",
                        red, nn_red, ctrl, judge)
     if any(v >= CONTROL_SHARE * red for v in ctrl.values()):

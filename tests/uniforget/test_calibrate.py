@@ -71,7 +71,6 @@ def test_over_budget_at_the_first_rung_is_said(pipe):
     assert res.maskset.meta["calibration_over_budget"] == "true"
 
 
-
 def test_joint_ladder_carries_the_tuned_weights(pipe):
     """--beta auto --tune-weights: each rung continues from the weights of the rung below, the drift is that of
     the gated tuned copy, and the chosen rung's copy (which its MaskSet belongs to) comes back."""
@@ -94,8 +93,12 @@ def test_joint_ladder_carries_the_tuned_weights(pipe):
     assert ms.meta["weights_start_fingerprint"] not in (ms.meta["teacher_fingerprint"], ms.model_fingerprint)
     meter = DriftMeter(pipe.unet, pipe.scheduler, ch, cfg.sampler, seed=cfg.seed + 7)
     assert meter(ms.gate_values(), res.unet)["rel"] == pytest.approx(res.rungs[1].drift_rel, rel=1e-6)
+    over = calibrate(pipe.unet, pipe.scheduler, cl, ch, cfg, CalibrationConfig(ladder=(5.0, 50.0), budget=1e-12,
+                                                                                rung_steps=2))
+    assert over.over_budget and over.maskset.model_fingerprint == model_fingerprint(over.unet)  # the first rung's
     frozen = calibrate(pipe.unet, pipe.scheduler, cl, ch, FAST, CalibrationConfig(ladder=(5.0,), budget=1e9))
     assert frozen.unet is None and "teacher_fingerprint" not in frozen.maskset.meta
+
 
 TOY = Path(__file__).parents[2] / "uniforget" / "toy"
 
