@@ -31,11 +31,11 @@ import numpy as np
 
 
 def main() -> None:
-    import onnx
     import onnxruntime as ort
 
     from exporter.bench import ratio_estimate
     from exporter.onnx_optimize import node_count, optimize_unet_onnx
+    from exporter.tensorrt_build import DimRange, ShapeRanges, make_feeds, onnx_inputs, profile_shapes
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--onnx", type=Path, required=True, help="an exported UNet (bench_e2e: W/onnx/unet/model.onnx; uniforget-export: OUT/onnx/pipeline/unet/model.onnx)")
@@ -51,23 +51,12 @@ def main() -> None:
         raise SystemExit(f"error: {args.onnx} does not exist (export a pipeline first: uniforget-export or "
                          "scripts/bench_e2e.py --work DIR)")
 
-    graph = onnx.load(str(args.onnx), load_external_data=False).graph
-    dims: dict[str, int] = {}
-    feed: dict[str, np.ndarray] = {}
-    rng = np.random.default_rng(0)
-    for inp in graph.input:  # sample (B, C, h, w), timestep (B,), encoder_hidden_states (B, T, D)
-        shape = [d.dim_value or None for d in inp.type.tensor_type.shape.dim]
-        names = [d.dim_param for d in inp.type.tensor_type.shape.dim]
-        concrete = []
-        for i, (n, v) in enumerate(zip(names, shape, strict=True)):
-            if v is None:
-                v = dims.get(n) or (args.batch if i == 0 else args.seq_len if inp.name == "encoder_hidden_states"
-                                    else args.size)
-                dims[n] = v
-            concrete.append(v)
-        dtype = np.float32 if inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT else np.int64
-        feed[inp.name] = (np.full(concrete, 500, dtype=dtype) if inp.name == "timestep"
-                          else rng.standard_normal(concrete).astype(dtype))
+    inputs = onnx_inputs(args.onnx)  # one shape per input, by axis role (tensorrt_build), and seeded values
+    one = ShapeRanges(*(DimRange.fixed(n) for n in (args.batch, args.size, args.size, args.seq_len)), static=True)
+    shapes = {name: opt for name, (_, opt, _) in profile_shapes(inputs, one).items()}
+    feed = make_feeds(inputs, shapes)
+    # ONNX Runtime's overrides name the graph's symbolic dims (batch, height, width, sequence)
+    dims = {d: shapes[i.name][axis] for i in inputs for axis, d in enumerate(i.dims) if isinstance(d, str)}
 
     def session(path: Path, fixed: bool) -> ort.InferenceSession:
         so = ort.SessionOptions()

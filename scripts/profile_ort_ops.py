@@ -22,12 +22,11 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 
 def main() -> None:
-    import onnx
     import onnxruntime as ort
+
+    from exporter.tensorrt_build import DimRange, ShapeRanges, make_feeds, onnx_inputs, profile_shapes
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense", type=Path, required=True)
@@ -45,16 +44,9 @@ def main() -> None:
         if not p.is_file():
             raise SystemExit(f"error: {p} does not exist")
 
-    graph = onnx.load(str(args.dense), load_external_data=False).graph
-    rng = np.random.default_rng(0)
-    feed = {}
-    for inp in graph.input:
-        dims = [d.dim_value or None for d in inp.type.tensor_type.shape.dim]
-        shape = [v if v is not None else (args.batch if i == 0 else args.seq_len if inp.name == "encoder_hidden_states"
-                                          else args.size) for i, v in enumerate(dims)]
-        is_float = inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-        feed[inp.name] = (np.full(shape, 500, dtype=np.float32 if is_float else np.int64) if inp.name == "timestep"
-                          else rng.standard_normal(shape).astype(np.float32 if is_float else np.int64))
+    inputs = onnx_inputs(args.dense)  # one shape per input, by axis role (tensorrt_build), and seeded values
+    one = ShapeRanges(*(DimRange.fixed(n) for n in (args.batch, args.size, args.size, args.seq_len)), static=True)
+    feed = make_feeds(inputs, {name: opt for name, (_, opt, _) in profile_shapes(inputs, one).items()})
 
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {}
