@@ -27,6 +27,7 @@ def main() -> None:
         kind_summary,
         learn_masks,
         prompts_sha256,
+        save_unet_atomically,
         tuned_unet_path_for,
     )
     from uniforget.models import load_pipeline
@@ -66,7 +67,7 @@ def main() -> None:
     args.out.write_text(json.dumps(row, indent=1) + "\n")
     if args.masks_out is not None:
         if res.unet is not None:
-            res.unet.save_pretrained(tuned_unet_path_for(args.masks_out), safe_serialization=True)
+            save_unet_atomically(res.unet, tuned_unet_path_for(args.masks_out))
         res.maskset.save(args.masks_out)
 
 

@@ -140,12 +140,12 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
                        width=cfg.width)
     rungs: list[Rung] = []
     masks: list[MaskSet] = []
-    init = start = None  # the rung below's gates and (joint mode) tuned weights, where the next rung starts
+    init = start = start_fp = None  # the rung below's gates and (joint mode) tuned weights, where the next starts
     for i, beta in enumerate(cal.ladder):
         rcfg = replace(cfg, beta=float(beta), steps=cfg.steps if i == 0 else rung_steps)
         t0 = time.perf_counter()
         res = learn_masks(unet, scheduler, cond_learn, rcfg, prompts_sha=prompts_sha, accelerator=accelerator,
-                          init=init, start_unet=start,
+                          init=init, start_unet=start, start_fingerprint=start_fp,
                           callback=None if callback is None else (lambda s, i=i: callback(i, s)))
         values = res.maskset.gate_values()
         d = meter(values, res.unet)  # a tuned copy is gated, not the original
@@ -158,6 +158,7 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
         if not rung.within(cal.budget):
             break
         init, start = res.maskset.logits, res.unet
+        start_fp = None if start is None else res.maskset.model_fingerprint  # a joint MaskSet names its tuned copy
     within = [i for i, r in enumerate(rungs) if r.within(cal.budget)]
     over = not within
     chosen = within[-1] if within else 0

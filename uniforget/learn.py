@@ -280,7 +280,7 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
                 checkpoint_path: str | Path | None = None, checkpoint_every: int = 0, resume: bool = False,
                 callback: Callable[[StepStats], None] | None = None, accelerator: Any = None,
                 extra_meta: dict[str, str] | None = None, init: dict[str, torch.Tensor] | None = None,
-                start_unet: Any = None) -> LearnResult:
+                start_unet: Any = None, start_fingerprint: str | None = None) -> LearnResult:
     """Learn gates on the neutral prompts in `cond`; return the MaskSet (gate logits + provenance).
 
     `callback(stats)` runs after every step (progress bars; raising from it stops the run, the last
@@ -290,7 +290,9 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
     With `cfg.weight_lr > 0` a copy of `unet` is fine-tuned jointly with its gates against the frozen `unet`
     (returned as `LearnResult.unet`; the MaskSet carries its fingerprint, and `unet` itself is left untouched).
     `start_unet` (joint mode only) is where that copy starts instead of `unet`: calibration's ladder continues
-    from the weights of the rung below, as it does from its gates; `unet` stays the teacher.
+    from the weights of the rung below, as it does from its gates; `unet` stays the teacher. A caller that
+    already knows `start_unet`'s fingerprint (the rung below's MaskSet holds it) passes it as `start_fingerprint`
+    rather than hashing every weight again.
     """
     device = torch.device(accelerator.device) if accelerator is not None else next(unet.parameters()).device
     world = accelerator.num_processes if accelerator is not None else 1
@@ -324,7 +326,7 @@ def learn_masks(unet: Any, scheduler: Any, cond: Conditioning, cfg: LearnConfig,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    start_fp = None if start_unet is None else model_fingerprint(start_unet)
+    start_fp = None if start_unet is None else (start_fingerprint or model_fingerprint(start_unet))
     ident = {"model_fingerprint": fingerprint, "prompts_sha256": prompts_sha, "learn_config": cfg.to_json()
              + ("" if init is None else " init:" + _digest(init)) + ("" if start_fp is None else " start:" + start_fp)}
 
@@ -553,7 +555,7 @@ def run_learn(req: LearnRequest, callback: Callable[[StepStats], None] | None = 
     if accelerator.is_main_process:
         if result.unet is not None and req.write_unet:
             unet_dir = tuned_unet_path_for(req.out)
-            _save_unet_atomically(result.unet, unet_dir)
+            save_unet_atomically(result.unet, unet_dir)
             log.info("wrote the jointly tuned UNet to %s (prune it with: uniforget prune --unet %s --masks %s)",
                      unet_dir, unet_dir, req.out)
         ms.save(req.out)
@@ -571,7 +573,7 @@ def tuned_unet_path_for(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".unet")
 
 
-def _save_unet_atomically(unet: Any, path: Path) -> None:
+def save_unet_atomically(unet: Any, path: Path) -> None:
     """save_pretrained into `<path>.partial`, then swap it in: no half-written folder under the final name."""
     import shutil
 

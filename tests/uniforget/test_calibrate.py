@@ -11,7 +11,7 @@ import pytest
 
 from uniforget.calibrate import CalibrationConfig, CalibrationError, calibrate, parse_ladder, split_prompts
 from uniforget.geometries import tiny_pipeline
-from uniforget.learn import LearnConfig
+from uniforget.learn import LearnConfig, learn_masks
 from uniforget.sampler import SamplerConfig, encode_prompts
 
 PROMPTS = ["a red circle", "a blue square", "green triangle on white", "small yellow star", "two grey dots",
@@ -91,6 +91,8 @@ def test_joint_ladder_carries_the_tuned_weights(pipe):
     assert ms.model_fingerprint == model_fingerprint(res.unet) != ms.meta["teacher_fingerprint"]
     assert ms.meta["teacher_fingerprint"] == model_fingerprint(pipe.unet)
     assert ms.meta["weights_start_fingerprint"] not in (ms.meta["teacher_fingerprint"], ms.model_fingerprint)
+    first = learn_masks(pipe.unet, pipe.scheduler, cl, replace(cfg, beta=5.0))  # rung 0 again, on its own
+    assert ms.meta["weights_start_fingerprint"] == model_fingerprint(first.unet)  # passed on, not re-hashed
     meter = DriftMeter(pipe.unet, pipe.scheduler, ch, cfg.sampler, seed=cfg.seed + 7)
     assert meter(ms.gate_values(), res.unet)["rel"] == pytest.approx(res.rungs[1].drift_rel, rel=1e-6)
     over = calibrate(pipe.unet, pipe.scheduler, cl, ch, cfg, CalibrationConfig(ladder=(5.0, 50.0), budget=1e-12,
