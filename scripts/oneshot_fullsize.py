@@ -5,6 +5,7 @@ protobuf's 2 GB limit, so external data, the ONNX pipeline and the Triton reposi
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/oneshot_fullsize.py --work runs/oneshot_fullsize
     OMP_NUM_THREADS=1 python scripts/oneshot_fullsize.py --tiny --work runs/oneshot_tiny   # the same in ~1 min
+    OMP_NUM_THREADS=1 python scripts/oneshot_fullsize.py --work runs/oneshot_fullsize --check-only --serve
 
 1. Build: the shipped SD1.5 config's UNet, VAE and text encoder with N(0, 0.02) weights
    (scripts/single_file_fullsize.random_pipeline), written as ONE original-layout single file
@@ -21,6 +22,10 @@ protobuf's 2 GB limit, so external data, the ONNX pipeline and the Triton reposi
    pipeline folder and the Triton repository (configs checked against Triton's schema where tritonclient is
    installed) are there, and the verdict says memorization was not measured (random weights memorize
    nothing: there are no reference images, so only Wen's noise norm can be computed, and it means nothing here).
+
+5. `--serve`: a real tritonserver (.venv-triton) loads the written repository's `pipeline` model (the 3.3 GB
+   external-data UNet among it), answers one request over HTTP, and its image must equal the in-process ONNX
+   Runtime pipeline's on the same folder, pixel for pixel.
 
 Prints one JSON object (also written to WORK/result.json): per-stage wall seconds and peak RSS, sizes, parity
 maxima, the verdict sentence, and the failed checks (exit 1 when any).
@@ -238,6 +243,66 @@ def check(out: Path, tiny: bool) -> tuple[dict, list[str]]:
     return found, fails
 
 
+def serve(out: Path, steps: int, seed: int = 0) -> tuple[dict, list[str]]:
+    """Serve the one-shot's Triton repository with a real tritonserver, request one image over HTTP, and compare
+    it with the in-process ONNX Runtime pipeline on the same exported folder (same prompt, seed, steps, guidance).
+
+    Why: writing a repository whose configs validate is not the same as a server loading a 3.3 GB external-data
+    UNet from it; this is the server doing so. pytriton's server has the Python backend only, so the `pipeline`
+    model (ONNX Runtime inside the Python backend) is what it serves; `unet_onnx` needs the ONNX Runtime backend.
+    """
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    from exporter.onnx_pipeline import OnnxStableDiffusionPipeline
+    from exporter.triton_repo import PIPELINE
+    from exporter.triton_server import ServerOptions, TritonServer
+
+    prompt, guidance, fails = EVAL_PROMPTS["neutral"][0], 7.5, []
+    inputs = []
+    for name, kind, value in (("prompt", "BYTES", np.array([prompt.encode()], dtype=object)),
+                              ("seed", "INT64", np.array([seed], dtype=np.int64)),
+                              ("steps", "INT32", np.array([steps], dtype=np.int32)),
+                              ("guidance_scale", "FP32", np.array([guidance], dtype=np.float32))):
+        t = httpclient.InferInput(name, [1], kind)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    found: dict = {"prompt": prompt, "seed": seed, "steps": steps, "guidance_scale": guidance}
+    t0 = time.perf_counter()
+    with TritonServer(ServerOptions(repo=out / "triton", http_port=0, models=(PIPELINE,),
+                                    startup_timeout_s=900)) as server:
+        found["startup_s"] = round(time.perf_counter() - t0, 1)
+        found["server_rss_gb_ready"] = round(_rss_gb(server.proc.pid), 2)  # the server and its backend stubs
+        client = httpclient.InferenceServerClient(server.url, network_timeout=1800.0, connection_timeout=60.0)
+        try:
+            t1 = time.perf_counter()
+            served = client.infer(PIPELINE, inputs).as_numpy("image")
+            found["request_s"] = round(time.perf_counter() - t1, 1)
+            found["server_rss_gb_after_request"] = round(_rss_gb(server.proc.pid), 2)
+        finally:
+            client.close()
+        found["models_loaded"] = list(server.models)
+    cfg = (out / "triton" / PIPELINE / "config.pbtxt").read_text()  # the served model's ORT thread count
+    m = re.search(r'key: "threads"\s*value\s*\{\s*string_value: "(\d+)"', cfg)
+    found["ort_threads"] = int(m.group(1)) if m else 0
+    local = OnnxStableDiffusionPipeline(out / "onnx" / "pipeline", threads=found["ort_threads"] or None)
+    try:
+        t2 = time.perf_counter()
+        img = local(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed).images
+        found["in_process_s"] = round(time.perf_counter() - t2, 1)
+    finally:
+        local.close()
+    ref = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)[0]
+    found["image_shape"] = list(served.shape)
+    found["identical"] = bool(served.shape == ref.shape and np.array_equal(served, ref))
+    found["max_abs_pixels"] = (int(np.abs(served.astype(np.int16) - ref.astype(np.int16)).max())
+                               if served.shape == ref.shape else None)
+    if not found["identical"]:
+        fails.append(f"Triton's image differs from in-process ONNX Runtime: {served.shape} vs {ref.shape}, "
+                     f"max abs {found['max_abs_pixels']}")
+    return found, fails
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "oneshot_fullsize")
@@ -246,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny SD1-like geometry: checks the script in a minute")
     ap.add_argument("--reuse", action="store_true", help="keep WORK/model from an earlier build")
     ap.add_argument("--check-only", action="store_true", help="only re-run the checks on WORK/out (WORK/result.json)")
+    ap.add_argument("--serve", action="store_true", help="also serve WORK/out/triton with a real tritonserver "
+                    "(.venv-triton) and compare its image with in-process ONNX Runtime")
+    ap.add_argument("--serve-steps", type=int, default=4, help="sampler steps of the served request")
     args = ap.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -257,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             found, more = check(work / "out", args.tiny)
             result.update(found)
             fails += more
+            if args.serve:
+                result["triton_served"], more = serve(work / "out", args.serve_steps)
+                fails += more
         result["failed_checks"] = fails
         (work / "result.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(result, indent=1))
@@ -279,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         found, more = check(out, args.tiny)
         result.update(found)
         fails += more
+        if args.serve:
+            result["triton_served"], more = serve(out, args.serve_steps)
+            fails += more
     if result["build"].get("unet_tensors_mismatched"):
         fails.append(f"single file loaded {result['build']['unet_tensors_mismatched']} UNet tensors differently")
     result["memorization"] = ("not measurable: the weights are random, so nothing is memorized and there are no "

@@ -4,6 +4,7 @@ in-process ONNX Runtime pipeline's for the same seed. Servers are stopped howeve
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -148,3 +149,16 @@ def test_serve_cli_prints_endpoint_and_stops_on_sigterm(repo):
             proc.wait()
     with pytest.raises(Exception):  # noqa: B017 - connection refused, whichever exception tritonclient raises
         httpclient.InferenceServerClient(f"127.0.0.1:{port}").is_server_live()
+
+
+@pytest.mark.slow
+def test_fullsize_script_serves_what_the_oneshot_wrote(tmp_path):
+    """scripts/oneshot_fullsize.py --serve on its tiny geometry: the one-shot's own repository is loaded by a real
+    server and its image equals in-process ONNX Runtime (the same path its full-size run reports)."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "oneshot_fullsize.py"), "--tiny", "--serve",
+                           "--work", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    served = json.loads((tmp_path / "result.json").read_text())["triton_served"]
+    assert served["models_loaded"] == [PIPELINE] and served["identical"] and served["max_abs_pixels"] == 0
