@@ -1,12 +1,16 @@
 """Neutral drift on held-out prompts, for masks learned with frozen or jointly tuned weights.
 
     python scripts/heldout_drift.py --beta 10 --tune-weights 1e-4 --out runs/heldout/b10w4.json
+    python scripts/heldout_drift.py --masks uniforget/toy/masks/auto.safetensors --out runs/heldout/auto.json
 
 Splits the toy's neutral training prompts as `--beta auto` does (calibrate.split_prompts: 72 learned from, 24
 held out), learns one MaskSet on the 72 (learn.learn_masks, `--tune-weights` > 0 = the joint mode), and prints
 the relative final-latent drift of the gated (tuned) UNet from the original on the 24 held-out prompts: the
 measure `--beta auto` budgets. Writes that and the run's settings as JSON. Why it exists: `uniforget learn`
 reports drift on its own training prompts, which a tuned copy fits better than prompts it never saw.
+With `--masks` it learns nothing and measures that (frozen-weight) MaskSet on the held-out prompts with the
+start noise `--beta auto` uses, so an auto MaskSet's recorded drift comes back; the JSON also holds the drift's
+bootstrap standard error over the held-out prompts.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 
 def main() -> None:
     from uniforget.calibrate import CalibrationConfig, split_prompts
     from uniforget.evaluate import model_guidance
+    from uniforget.fingerprint import model_fingerprint
     from uniforget.learn import (
         DriftMeter,
         LearnConfig,
@@ -30,13 +36,15 @@ def main() -> None:
         save_unet_atomically,
         tuned_unet_path_for,
     )
+    from uniforget.masks import MaskSet
     from uniforget.models import load_pipeline
     from uniforget.prompts import load_prompts
     from uniforget.sampler import encode_prompts
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy")
-    ap.add_argument("--beta", type=float, required=True)
+    ap.add_argument("--beta", type=float, help="learn at this beta (or give --masks)")
+    ap.add_argument("--masks", type=Path, help="measure this MaskSet instead of learning one")
     ap.add_argument("--tune-weights", type=float, default=0.0, metavar="LR")
     ap.add_argument("--steps", type=int, default=LearnConfig.steps)
     ap.add_argument("--prompts", type=Path, default=None)
@@ -44,28 +52,40 @@ def main() -> None:
                     help="also write the MaskSet here (and, with --tune-weights, the tuned UNet beside it as .unet/)")
     ap.add_argument("--out", type=Path, required=True, help="JSON to write")
     args = ap.parse_args()
+    if (args.beta is None) == (args.masks is None):
+        ap.error("give exactly one of --beta (learn) and --masks (measure)")
+    if args.masks is not None and not args.masks.is_file():
+        ap.error(f"masks file not found: {args.masks}")
 
     prompts = load_prompts(args.prompts, model=args.model)
     learn_p, held_p = split_prompts(prompts, CalibrationConfig().holdout)
     pipe = load_pipeline(args.model)
-    cfg = LearnConfig(beta=args.beta, steps=args.steps, weight_lr=args.tune_weights)
+    cfg = LearnConfig(beta=args.beta or 0.0, steps=args.steps, weight_lr=args.tune_weights)
     guidance = model_guidance(args.model)
     if guidance is not None:
         cfg = replace(cfg, sampler=replace(cfg.sampler, guidance_scale=guidance))
     t0 = time.perf_counter()
-    res = learn_masks(pipe.unet, pipe.scheduler, encode_prompts(pipe, learn_p), cfg,
-                      prompts_sha=prompts_sha256(learn_p))
-    meter = DriftMeter(pipe.unet, pipe.scheduler, encode_prompts(pipe, held_p), cfg.sampler, seed=cfg.seed + 1)
+    if args.masks is not None:
+        ms = MaskSet.load(args.masks, expect_fingerprint=model_fingerprint(pipe.unet))  # refuses a tuned copy's
+        res, offset = SimpleNamespace(maskset=ms, unet=None), 7  # calibrate.calibrate's start noise
+    else:
+        res = learn_masks(pipe.unet, pipe.scheduler, encode_prompts(pipe, learn_p), cfg,
+                          prompts_sha=prompts_sha256(learn_p))
+        offset = 1
+    meter = DriftMeter(pipe.unet, pipe.scheduler, encode_prompts(pipe, held_p), cfg.sampler,
+                       seed=cfg.seed + offset)
     gates = res.maskset.gate_values()
     drift = meter(gates, res.unet)  # a tuned copy is gated, not the original
     closed = kind_summary(gates)[0]
-    row = {"beta": args.beta, "tune_weights": args.tune_weights, "steps": args.steps, "learn_prompts": len(learn_p),
-           "heldout_prompts": len(held_p), "heldout_drift_rel": drift["rel"], "heldout_drift_mse": drift["mse"],
-           "closed": closed, "wall_s": time.perf_counter() - t0}
+    row = {"beta": args.beta if args.masks is None else res.maskset.meta.get("beta"),
+           "masks": None if args.masks is None else str(args.masks), "tune_weights": args.tune_weights,
+           "steps": args.steps, "learn_prompts": len(learn_p), "heldout_prompts": len(held_p),
+           "heldout_drift_rel": drift["rel"], "heldout_drift_rel_se": drift["rel_se"],
+           "heldout_drift_mse": drift["mse"], "closed": closed, "wall_s": time.perf_counter() - t0}
     print(json.dumps(row))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=1) + "\n")
-    if args.masks_out is not None:
+    if args.masks_out is not None and args.masks is None:
         if res.unet is not None:
             save_unet_atomically(res.unet, tuned_unet_path_for(args.masks_out))
         res.maskset.save(args.masks_out)

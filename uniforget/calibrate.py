@@ -9,7 +9,8 @@ another (docs/dememorization.md). The rule, measurable on any model without outs
    the gates of the rung below for `rung_steps` more steps at its own beta (a continuation path: closed
    gates stay closed, so drift grows along the ladder and the search can stop early).
 3. After each rung, measure the relative latent drift of the gated model on the held-out neutral prompts:
-   RMS(F_gated - F_orig) / RMS(F_orig) of the final latents of the N-step sampler, fixed start noise.
+   RMS(F_gated - F_orig) / RMS(F_orig) of the final latents of the N-step sampler, fixed start noise. Its
+   bootstrap standard error over those prompts is logged and recorded beside it (not used by the rule).
 4. Keep the strongest rung whose drift is <= `budget`; stop at the first rung over it. If even the first
    rung is over budget, keep it and say so (the user should lower the ladder or raise the budget).
 
@@ -87,6 +88,7 @@ class Rung:
     mean_gate: dict[str, float]
     steps: int
     wall_s: float
+    drift_se: float = 0.0  # bootstrap standard error of drift_rel over the held-out prompts
 
     def within(self, budget: float) -> bool:
         return self.drift_rel <= budget
@@ -150,11 +152,13 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
         values = res.maskset.gate_values()
         d = meter(values, res.unet)  # a tuned copy is gated, not the original
         closed, mean_gate = kind_summary(values)
-        rung = Rung(float(beta), d["rel"], d["mse"], closed, mean_gate, rcfg.steps, time.perf_counter() - t0)
+        rung = Rung(float(beta), d["rel"], d["mse"], closed, mean_gate, rcfg.steps, time.perf_counter() - t0,
+                    d["rel_se"])
         rungs.append(rung)
         masks.append(res.maskset)
-        log.info("calibration rung beta %g: held-out neutral drift %.4f (budget %.4f), closed %s", beta, d["rel"],
-                 cal.budget, ", ".join(f"{k} {v:.1%}" for k, v in closed.items()))
+        log.info("calibration rung beta %g: held-out neutral drift %.4f (s.e. %.4f over %d prompts; budget %.4f), "
+                 "closed %s", beta, d["rel"], d["rel_se"], len(cond_holdout), cal.budget,
+                 ", ".join(f"{k} {v:.1%}" for k, v in closed.items()))
         if not rung.within(cal.budget):
             break
         init, start = res.maskset.logits, res.unet
@@ -173,6 +177,7 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
             "calibration_holdout_sha256": holdout_sha, "calibration_ladder": ",".join(f"{b:g}" for b in cal.ladder),
             "calibration_rung_steps": str(rung_steps), "calibration_over_budget": str(over).lower(),
             "calibration_rungs": ";".join(f"{r.beta:g}:{r.drift_rel:.5g}" for r in rungs),
+            "calibration_rungs_se": ";".join(f"{r.beta:g}:{r.drift_se:.3g}" for r in rungs),
             "steps": str(sum(r.steps for r in rungs[:chosen + 1])),
             "neutral_drift_rel_holdout": f"{rungs[chosen].drift_rel:.6g}"}
     return CalibrationResult(replace(ms, meta=meta), tuple(rungs), chosen, cal, over, chosen_unet)

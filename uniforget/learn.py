@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .checkpoint import read_state, restore_state, write_state
@@ -448,14 +449,31 @@ class DriftMeter:
     def of(self, unet: Any) -> dict[str, float]:
         """Drift of `unet` (any module taking the original's inputs; None = the original itself, drift 0) on
         the cached prompts and z0: the gated original here, a retrained slim UNet in retrain.NeutralDrift."""
-        sq, ref_sq, n = 0.0, 0.0, 0
+        sq, ref_sq, n = [], [], 0  # per prompt: squared difference and squared reference, summed over the latent
         for c, z0, ref in self.batches:
+            dims = tuple(range(1, ref.dim()))
             if unet is not None:
                 out = sample(unet, self.scheduler, z0, c, self.cfg)
-                sq += float((out.float() - ref.float()).pow(2).sum())
-            ref_sq += float(ref.float().pow(2).sum())
+                sq += (out.float() - ref.float()).pow(2).sum(dims).tolist()
+            else:
+                sq += [0.0] * ref.shape[0]
+            ref_sq += ref.float().pow(2).sum(dims).tolist()
             n += ref.numel()
-        return {"mse": sq / n, "rel": math.sqrt(sq / max(ref_sq, 1e-30))}
+        return {"mse": sum(sq) / n, "rel": math.sqrt(sum(sq) / max(sum(ref_sq), 1e-30)),
+                "rel_se": bootstrap_rel_se(sq, ref_sq)}
+
+
+def bootstrap_rel_se(sq: list[float], ref_sq: list[float], draws: int = 1000, seed: int = 0) -> float:
+    """Standard error of the pooled relative drift sqrt(sum sq / sum ref_sq) over prompts (seeded bootstrap).
+
+    Why: the drift is measured on a few dozen held-out prompts, one start noise each, and prompts differ a lot,
+    so a rung 0.01 under the budget may be a draw of the prompt set; `--beta auto` reports this beside it."""
+    a, b = np.asarray(sq, dtype=np.float64), np.asarray(ref_sq, dtype=np.float64)
+    if len(a) < 2:
+        return 0.0
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(draws, len(a)))
+    rel = np.sqrt(a[idx].sum(1) / np.maximum(b[idx].sum(1), 1e-30))
+    return float(rel.std(ddof=1))
 
 
 def latent_drift(unet: Any, scheduler: Any, cond: Conditioning, gates: dict[str, GateSource] | None,

@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  weights tuned jointly (lr {meta.get('weight_lr')}): {d}/; these masks gate that copy, not the "
               f"original: uniforget prune --unet {d} --masks {req.out} --ratio 0.05 --out DIR")
     if meta.get("beta_mode") == "auto":
-        print(f"  --beta auto: ladder beta:held-out drift {meta['calibration_rungs']}, budget "
+        se = f" (bootstrap s.e. {meta['calibration_rungs_se']})" if meta.get("calibration_rungs_se") else ""
+        print(f"  --beta auto: ladder beta:held-out drift {meta['calibration_rungs']}{se}, budget "
               f"{meta['calibration_budget_rel_drift']}, chose beta {meta['beta']}"
               + (" (OVER BUDGET even at the weakest rung)" if meta["calibration_over_budget"] == "true" else ""))
     return 0

@@ -56,6 +56,9 @@ def test_ladder_keeps_the_strongest_rung_within_budget(pipe):
     drifts = [r.drift_rel for r in everything.rungs]
     assert drifts[0] == 0.0 and drifts[2] > 0  # beta 0 keeps every gate at 1: exactly the original
     assert everything.maskset.meta["beta_mode"] == "auto" and everything.maskset.meta["beta"] == "5000.0"
+    ses = everything.maskset.meta["calibration_rungs_se"].split(";")  # beside each rung's drift, not used by the rule
+    assert [float(x.split(":")[0]) for x in ses] == [0.0, 50.0, 5000.0]
+    assert everything.rungs[0].drift_se == 0.0 and everything.rungs[2].drift_se > 0
     # a budget between rung 0 and the last: the ladder stops at the first rung over it and keeps the one below
     tight = calibrate(pipe.unet, pipe.scheduler, cl, ch, FAST, replace(cal, budget=drifts[2] / 2))
     assert tight.rungs[tight.chosen].drift_rel <= drifts[2] / 2 and tight.chosen < 2

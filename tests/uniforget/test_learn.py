@@ -133,7 +133,26 @@ def test_latent_drift_zero_at_init_and_positive_when_closed(pipe, cond):
     assert latent_drift(pipe.unet, pipe.scheduler, cond, ms.gate_values(), cfg)["mse"] == 0.0
     closed = {k: torch.zeros_like(v) for k, v in ms.gate_values().items() if k.endswith("/ffn")}
     d = latent_drift(pipe.unet, pipe.scheduler, cond, closed, cfg)
-    assert d["mse"] > 0 and d["rel"] > 0
+    assert d["mse"] > 0 and d["rel"] > 0 and d["rel_se"] > 0
+    assert latent_drift(pipe.unet, pipe.scheduler, cond, ms.gate_values(), cfg)["rel_se"] == 0.0
+
+
+def test_drift_standard_error_is_the_spread_over_prompts():
+    """The bootstrap s.e. of the pooled relative drift: zero when every prompt drifts alike, about halved by
+    four times the prompts, deterministic, and on the scale of the per-prompt spread."""
+    import numpy as np
+
+    from uniforget.learn import bootstrap_rel_se
+
+    ref = [1.0, 2.0, 0.5, 1.5, 3.0, 1.0]
+    assert bootstrap_rel_se([0.04 * r for r in ref], ref) == pytest.approx(0.0, abs=1e-12)
+    sq = [0.01, 0.09, 0.0025, 0.2, 0.5, 0.04]
+    se = bootstrap_rel_se(sq, ref)
+    assert se == bootstrap_rel_se(sq, ref) > 0
+    assert bootstrap_rel_se(sq * 4, ref * 4) == pytest.approx(se / 2, rel=0.25)
+    per_prompt = np.sqrt(np.array(sq) / np.array(ref))
+    assert 0.2 * per_prompt.std() / np.sqrt(len(sq)) < se < 5 * per_prompt.std() / np.sqrt(len(sq))
+    assert bootstrap_rel_se([0.3], [1.0]) == 0.0  # one prompt: no spread to estimate
 
 
 def test_controls_match_counts_and_drift():
