@@ -255,7 +255,7 @@ def serve(out: Path, steps: int, seed: int = 0) -> tuple[dict, list[str]]:
     import tritonclient.http as httpclient
 
     from exporter.onnx_pipeline import OnnxStableDiffusionPipeline
-    from exporter.triton_repo import PIPELINE
+    from exporter.triton_repo import PIPELINE, parse_config
     from exporter.triton_server import ServerOptions, TritonServer
 
     prompt, guidance, fails = EVAL_PROMPTS["neutral"][0], 7.5, []
@@ -282,9 +282,8 @@ def serve(out: Path, steps: int, seed: int = 0) -> tuple[dict, list[str]]:
         finally:
             client.close()
         found["models_loaded"] = list(server.models)
-    cfg = (out / "triton" / PIPELINE / "config.pbtxt").read_text()  # the served model's ORT thread count
-    m = re.search(r'key: "threads"\s*value\s*\{\s*string_value: "(\d+)"', cfg)
-    found["ort_threads"] = int(m.group(1)) if m else 0
+    served_cfg = parse_config((out / "triton" / PIPELINE / "config.pbtxt").read_text())  # its ORT thread count
+    found["ort_threads"] = int(served_cfg.parameters["threads"].string_value or 0)
     local = OnnxStableDiffusionPipeline(out / "onnx" / "pipeline", threads=found["ort_threads"] or None)
     try:
         t2 = time.perf_counter()
@@ -301,6 +300,16 @@ def serve(out: Path, steps: int, seed: int = 0) -> tuple[dict, list[str]]:
         fails.append(f"Triton's image differs from in-process ONNX Runtime: {served.shape} vs {ref.shape}, "
                      f"max abs {found['max_abs_pixels']}")
     return found, fails
+
+
+def check_and_serve(out: Path, args: argparse.Namespace, result: dict) -> list[str]:
+    """check() on a finished output (its findings go into `result`), then serve() it with --serve."""
+    found, fails = check(out, args.tiny)
+    result.update(found)
+    if args.serve:
+        result["triton_served"], more = serve(out, args.serve_steps)
+        fails += more
+    return fails
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,12 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads((work / "result.json").read_text())
         fails = [] if result["oneshot"]["rc"] == 0 else [f"uniforget-export exited {result['oneshot']['rc']}"]
         if result["oneshot"]["rc"] == 0:
-            found, more = check(work / "out", args.tiny)
-            result.update(found)
-            fails += more
-            if args.serve:
-                result["triton_served"], more = serve(work / "out", args.serve_steps)
-                fails += more
+            fails += check_and_serve(work / "out", args, result)
         result["failed_checks"] = fails
         (work / "result.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(result, indent=1))
@@ -347,12 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     fails = [] if result["oneshot"]["rc"] == 0 else [f"uniforget-export exited {result['oneshot']['rc']} "
                                                       f"(log: {work / 'oneshot.log'})"]
     if result["oneshot"]["rc"] == 0:
-        found, more = check(out, args.tiny)
-        result.update(found)
-        fails += more
-        if args.serve:
-            result["triton_served"], more = serve(out, args.serve_steps)
-            fails += more
+        fails += check_and_serve(out, args, result)
     if result["build"].get("unet_tensors_mismatched"):
         fails.append(f"single file loaded {result['build']['unet_tensors_mismatched']} UNet tensors differently")
     result["memorization"] = ("not measurable: the weights are random, so nothing is memorized and there are no "
