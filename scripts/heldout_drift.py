@@ -10,7 +10,12 @@ measure `--beta auto` budgets. Writes that and the run's settings as JSON. Why i
 reports drift on its own training prompts, which a tuned copy fits better than prompts it never saw.
 With `--masks` it learns nothing and measures that (frozen-weight) MaskSet on the held-out prompts with the
 start noise `--beta auto` uses, so an auto MaskSet's recorded drift comes back; the JSON also holds the drift's
-bootstrap standard error over the held-out prompts.
+bootstrap standard error over the held-out prompts, and the median prompt's relative drift (the other statistic
+`--budget-statistic` offers). `--sampler-refs` also measures the original's own drift, both statistics, when it
+is sampled with more steps or another guidance than the budget's N-step reference: a neutral scale to read a
+budget against (docs/dememorization.md sections 0i and 0l).
+
+    python scripts/heldout_drift.py --masks uniforget/toy/masks/auto.safetensors --sampler-refs --out runs/heldout/refs.json
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=Path, default=None)
     ap.add_argument("--masks-out", type=Path, default=None,
                     help="also write the MaskSet here (and, with --tune-weights, the tuned UNet beside it as .unet/)")
+    ap.add_argument("--sampler-refs", action="store_true",
+                    help="also measure the original's own drift under sampler changes (N=8,12,25,50; guidance -0.5/+2)")
     ap.add_argument("--out", type=Path, required=True, help="JSON to write")
     args = ap.parse_args()
     if (args.beta is None) == (args.masks is None):
@@ -81,7 +88,16 @@ def main() -> None:
            "masks": None if args.masks is None else str(args.masks), "tune_weights": args.tune_weights,
            "steps": args.steps, "learn_prompts": len(learn_p), "heldout_prompts": len(held_p),
            "heldout_drift_rel": drift["rel"], "heldout_drift_rel_se": drift["rel_se"],
-           "heldout_drift_mse": drift["mse"], "closed": closed, "wall_s": time.perf_counter() - t0}
+           "heldout_drift_mse": drift["mse"], "heldout_drift_rel_median": drift["rel_median"], "closed": closed,
+           "wall_s": time.perf_counter() - t0}
+    if args.sampler_refs:
+        changes = [replace(cfg.sampler, steps=n) for n in (8, 12, 25, 50)]
+        changes += [replace(cfg.sampler, guidance_scale=cfg.sampler.guidance_scale + g) for g in (-0.5, 2.0)]
+        row["sampler_refs"] = {}
+        for sc in changes:
+            d = meter.of(pipe.unet, sc)
+            row["sampler_refs"][f"N={sc.steps} guidance {sc.guidance_scale:g}"] = {
+                "rel": d["rel"], "rel_se": d["rel_se"], "rel_median": d["rel_median"]}
     print(json.dumps(row))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=1) + "\n")

@@ -9,8 +9,11 @@ another (docs/dememorization.md). The rule, measurable on any model without outs
    the gates of the rung below for `rung_steps` more steps at its own beta (a continuation path: closed
    gates stay closed, so drift grows along the ladder and the search can stop early).
 3. After each rung, measure the relative latent drift of the gated model on the held-out neutral prompts:
-   RMS(F_gated - F_orig) / RMS(F_orig) of the final latents of the N-step sampler, fixed start noise. Its
-   bootstrap standard error over those prompts is logged and recorded beside it (not used by the rule).
+   RMS(F_gated - F_orig) / RMS(F_orig) of the final latents of the N-step sampler, fixed start noise, pooled
+   over the prompts (`statistic="pooled"`, the default). Its bootstrap standard error over those prompts is
+   logged and recorded beside it (not used by the rule), and so is the median over prompts of each prompt's
+   own relative drift, which the rule budgets instead with `statistic="median"` (robust to the few prompts
+   whose trajectory flips to another object; docs/dememorization.md section 0l).
 4. Keep the strongest rung whose drift is <= `budget`; stop at the first rung over it. If even the first
    rung is over budget, keep it and say so (the user should lower the ladder or raise the budget).
 
@@ -39,6 +42,7 @@ from .sampler import Conditioning
 log = logging.getLogger(__name__)
 
 DEFAULT_LADDER = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
+STATISTICS = ("pooled", "median")  # what the budget bounds (module docstring, step 3)
 
 
 class CalibrationError(UniforgetError):
@@ -54,6 +58,7 @@ class CalibrationConfig:
     holdout: float = 0.25  # share of the neutral prompts kept out of learning, for the budget
     rung_steps: int | None = None  # steps of each later rung; None = half the learning steps
     split_seed: int = 0
+    statistic: str = "pooled"  # STATISTICS: pooled relative drift, or the median prompt's relative drift
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,6 +70,8 @@ class CalibrationConfig:
             problems.append(f"budget must be > 0 (got {self.budget})")
         if not 0 < self.holdout < 1:
             problems.append(f"holdout must be in (0, 1) (got {self.holdout})")
+        if self.statistic not in STATISTICS:
+            problems.append(f"budget statistic must be one of {', '.join(STATISTICS)} (got {self.statistic!r})")
         if self.rung_steps is not None and self.rung_steps < 1:
             problems.append(f"rung steps must be >= 1 (got {self.rung_steps})")
         if problems:
@@ -89,9 +96,14 @@ class Rung:
     steps: int
     wall_s: float
     drift_se: float = 0.0  # bootstrap standard error of drift_rel over the held-out prompts
+    drift_median: float = 0.0  # median over the held-out prompts of each prompt's relative drift
 
-    def within(self, budget: float) -> bool:
-        return self.drift_rel <= budget
+    def drift(self, statistic: str = "pooled") -> float:
+        """The drift the budget bounds under `statistic` (CalibrationConfig.statistic)."""
+        return self.drift_median if statistic == "median" else self.drift_rel
+
+    def within(self, budget: float, statistic: str = "pooled") -> bool:
+        return self.drift(statistic) <= budget
 
 
 @dataclass(frozen=True)
@@ -153,24 +165,25 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
         d = meter(values, res.unet)  # a tuned copy is gated, not the original
         closed, mean_gate = kind_summary(values)
         rung = Rung(float(beta), d["rel"], d["mse"], closed, mean_gate, rcfg.steps, time.perf_counter() - t0,
-                    d["rel_se"])
+                    d["rel_se"], d["rel_median"])
         rungs.append(rung)
         masks.append(res.maskset)
-        log.info("calibration rung beta %g: held-out neutral drift %.4f (s.e. %.4f over %d prompts; budget %.4f), "
-                 "closed %s", beta, d["rel"], d["rel_se"], len(cond_holdout), cal.budget,
-                 ", ".join(f"{k} {v:.1%}" for k, v in closed.items()))
-        if not rung.within(cal.budget):
+        log.info("calibration rung beta %g: held-out neutral drift %.4f (s.e. %.4f over %d prompts; median prompt "
+                 "%.4f; budget %.4f on the %s drift), closed %s", beta, d["rel"], d["rel_se"], len(cond_holdout),
+                 d["rel_median"], cal.budget, cal.statistic, ", ".join(f"{k} {v:.1%}" for k, v in closed.items()))
+        if not rung.within(cal.budget, cal.statistic):
             break
         init, start = res.maskset.logits, res.unet
         start_fp = None if start is None else res.maskset.model_fingerprint  # a joint MaskSet names its tuned copy
-    within = [i for i, r in enumerate(rungs) if r.within(cal.budget)]
+    within = [i for i, r in enumerate(rungs) if r.within(cal.budget, cal.statistic)]
     over = not within
     chosen = within[-1] if within else 0
     # joint mode: the chosen rung is the last one within budget, whose copy `start` holds, or (over) the first
     chosen_unet = res.unet if over else start
     if over:
         log.warning("even the weakest rung (beta %g) drifts %.4f on held-out neutral prompts, over the budget %.4f: "
-                    "keeping it; lower the ladder or raise --budget", rungs[0].beta, rungs[0].drift_rel, cal.budget)
+                    "keeping it; lower the ladder or raise --budget", rungs[0].beta, rungs[0].drift(cal.statistic),
+                    cal.budget)
     ms = masks[chosen]
     meta = {**ms.meta, "beta": repr(rungs[chosen].beta), "beta_mode": "auto",
             "calibration_budget_rel_drift": repr(cal.budget), "calibration_holdout": repr(cal.holdout),
@@ -178,6 +191,8 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
             "calibration_rung_steps": str(rung_steps), "calibration_over_budget": str(over).lower(),
             "calibration_rungs": ";".join(f"{r.beta:g}:{r.drift_rel:.5g}" for r in rungs),
             "calibration_rungs_se": ";".join(f"{r.beta:g}:{r.drift_se:.3g}" for r in rungs),
+            "calibration_rungs_median": ";".join(f"{r.beta:g}:{r.drift_median:.5g}" for r in rungs),
+            "calibration_statistic": cal.statistic,
             "steps": str(sum(r.steps for r in rungs[:chosen + 1])),
             "neutral_drift_rel_holdout": f"{rungs[chosen].drift_rel:.6g}"}
     return CalibrationResult(replace(ms, meta=meta), tuple(rungs), chosen, cal, over, chosen_unet)

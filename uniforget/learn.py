@@ -419,7 +419,9 @@ class DriftMeter:
     """Output drift of gated models vs the original on fixed prompts and z0 (the original sampled once).
 
     Calling it with gates returns `mse` (mean squared final-latent difference, the learning loss's first
-    term) and `rel` (RMS difference / RMS of the original latents). Gates None or empty = drift 0.
+    term), `rel` (RMS difference / RMS of the original latents, pooled over the prompts), its bootstrap
+    standard error `rel_se`, and `rel_median`, the median over prompts of each prompt's own relative drift
+    (robust to the few prompts whose trajectory flips to another object). Gates None or empty = drift 0.
     Matching controls to a drift evaluates many gate sets, so the reference latents are cached.
     """
 
@@ -446,21 +448,31 @@ class DriftMeter:
             return self.of(target)
 
     @torch.no_grad()
-    def of(self, unet: Any) -> dict[str, float]:
+    def of(self, unet: Any, sampler_cfg: SamplerConfig | None = None) -> dict[str, float]:
         """Drift of `unet` (any module taking the original's inputs; None = the original itself, drift 0) on
-        the cached prompts and z0: the gated original here, a retrained slim UNet in retrain.NeutralDrift."""
+        the cached prompts and z0: the gated original here, a retrained slim UNet in retrain.NeutralDrift.
+        `sampler_cfg` samples `unet` another way than the cached reference (the original's own drift under a
+        sampler change: the scale a budget can be read against)."""
         sq, ref_sq, n = [], [], 0  # per prompt: squared difference and squared reference, summed over the latent
         for c, z0, ref in self.batches:
             dims = tuple(range(1, ref.dim()))
             if unet is not None:
-                out = sample(unet, self.scheduler, z0, c, self.cfg)
+                out = sample(unet, self.scheduler, z0, c, sampler_cfg or self.cfg)
                 sq += (out.float() - ref.float()).pow(2).sum(dims).tolist()
             else:
                 sq += [0.0] * ref.shape[0]
             ref_sq += ref.float().pow(2).sum(dims).tolist()
             n += ref.numel()
         return {"mse": sum(sq) / n, "rel": math.sqrt(sum(sq) / max(sum(ref_sq), 1e-30)),
-                "rel_se": bootstrap_rel_se(sq, ref_sq)}
+                "rel_se": bootstrap_rel_se(sq, ref_sq), "rel_median": median_rel(sq, ref_sq)}
+
+
+def median_rel(sq: list[float], ref_sq: list[float]) -> float:
+    """Median over prompts of sqrt(sq_i / ref_sq_i): the typical prompt's relative drift (DriftMeter)."""
+    if not sq:
+        return 0.0
+    a, b = np.asarray(sq, dtype=np.float64), np.asarray(ref_sq, dtype=np.float64)
+    return float(np.median(np.sqrt(a / np.maximum(b, 1e-30))))
 
 
 def bootstrap_rel_se(sq: list[float], ref_sq: list[float], draws: int = 1000, seed: int = 0) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from uniforget.calibrate import CalibrationConfig, parse_ladder
+from uniforget.calibrate import STATISTICS, CalibrationConfig, parse_ladder
 from uniforget.learn import LearnConfig, LearnRequest, LearnResult, StepStats, parse_beta, run_learn
 from uniforget.sampler import CHECKPOINTING, SamplerConfig
 from uniforget.targets import KINDS
@@ -32,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "prompts stays within --budget), weak (1), medium (2), strong (5) or a number")
     p.add_argument("--budget", type=float, default=dc.budget,
                    help=f"--beta auto: max relative latent drift on held-out neutral prompts (default {dc.budget:g})")
+    p.add_argument("--budget-statistic", choices=STATISTICS, default=dc.statistic,
+                   help="--beta auto: which drift --budget bounds: pooled over the held-out prompts (default) or the "
+                        "median prompt's (robust to a few prompts whose image flips)")
     p.add_argument("--ladder", default=",".join(f"{b:g}" for b in dc.ladder),
                    help="--beta auto: increasing betas to try (default %(default)s)")
     p.add_argument("--holdout", type=float, default=dc.holdout,
@@ -80,7 +83,7 @@ def _config(args: argparse.Namespace) -> LearnRequest:
     cal = None
     if str(args.beta).lower() == "auto":
         cal = CalibrationConfig(ladder=parse_ladder(args.ladder), budget=args.budget, holdout=args.holdout,
-                                rung_steps=args.rung_steps)
+                                rung_steps=args.rung_steps, statistic=args.budget_statistic)
     beta = cal.ladder[0] if cal is not None else parse_beta(args.beta)
     cfg = LearnConfig(beta=beta, recon=args.recon, steps=args.steps, lr=args.lr, lr_min=args.lr_min,
                       optimizer=args.optimizer, weight_decay=args.weight_decay, batch=args.batch, kinds=kinds,
@@ -122,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
               f"original: uniforget prune --unet {d} --masks {req.out} --ratio 0.05 --out DIR")
     if meta.get("beta_mode") == "auto":
         se = f" (bootstrap s.e. {meta['calibration_rungs_se']})" if meta.get("calibration_rungs_se") else ""
-        print(f"  --beta auto: ladder beta:held-out drift {meta['calibration_rungs']}{se}, budget "
-              f"{meta['calibration_budget_rel_drift']}, chose beta {meta['beta']}"
+        med = f", median prompt {meta['calibration_rungs_median']}" if meta.get("calibration_rungs_median") else ""
+        stat = meta.get("calibration_statistic", "pooled")
+        print(f"  --beta auto: ladder beta:held-out drift {meta['calibration_rungs']}{se}{med}, budget "
+              f"{meta['calibration_budget_rel_drift']} on the {stat} drift, chose beta {meta['beta']}"
               + (" (OVER BUDGET even at the weakest rung)" if meta["calibration_over_budget"] == "true" else ""))
     return 0
 

@@ -35,7 +35,7 @@ def test_split_is_deterministic_disjoint_and_complete():
 
 @pytest.mark.parametrize("kw, msg", [({"ladder": (2.0, 1.0)}, "increase"), ({"ladder": ()}, "ladder"),
                                      ({"budget": 0.0}, "budget"), ({"holdout": 1.0}, "holdout"),
-                                     ({"rung_steps": 0}, "rung steps")])
+                                     ({"rung_steps": 0}, "rung steps"), ({"statistic": "mean"}, "statistic")])
 def test_bad_calibration_options(kw, msg):
     with pytest.raises(CalibrationError, match=msg):
         CalibrationConfig(**kw)
@@ -64,6 +64,25 @@ def test_ladder_keeps_the_strongest_rung_within_budget(pipe):
     assert tight.rungs[tight.chosen].drift_rel <= drifts[2] / 2 and tight.chosen < 2
     assert not tight.over_budget
     assert len(tight.rungs) == tight.chosen + 2  # stopped right after the first rung over budget
+
+
+def test_median_statistic_is_what_the_budget_bounds_when_asked(pipe):
+    """--budget-statistic median: a budget between the last rung's median-prompt and pooled drift keeps that rung
+    under one statistic and not the other, and the MaskSet records which statistic and every rung's median."""
+    learn, held = split_prompts(PROMPTS, 0.25)
+    cl, ch = encode_prompts(pipe, learn), encode_prompts(pipe, held)
+    cal = CalibrationConfig(ladder=(0.0, 5000.0), budget=1e9, rung_steps=3)
+    top = calibrate(pipe.unet, pipe.scheduler, cl, ch, FAST, cal).rungs[1]
+    assert top.drift_median > 0 and top.drift_median != pytest.approx(top.drift_rel)
+    b = (top.drift_median + top.drift_rel) / 2
+    pooled = calibrate(pipe.unet, pipe.scheduler, cl, ch, FAST, replace(cal, budget=b))
+    median = calibrate(pipe.unet, pipe.scheduler, cl, ch, FAST, replace(cal, budget=b, statistic="median"))
+    assert (pooled.chosen == 1) == (top.drift_rel <= b) and (median.chosen == 1) == (top.drift_median <= b)
+    assert pooled.chosen != median.chosen
+    meta = median.maskset.meta
+    assert meta["calibration_statistic"] == "median" and pooled.maskset.meta["calibration_statistic"] == "pooled"
+    medians = dict(x.split(":") for x in meta["calibration_rungs_median"].split(";"))
+    assert float(medians["0"]) == 0.0 and float(medians["5000"]) == pytest.approx(top.drift_median, rel=1e-4)
 
 
 def test_over_budget_at_the_first_rung_is_said(pipe):

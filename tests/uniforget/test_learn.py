@@ -133,8 +133,9 @@ def test_latent_drift_zero_at_init_and_positive_when_closed(pipe, cond):
     assert latent_drift(pipe.unet, pipe.scheduler, cond, ms.gate_values(), cfg)["mse"] == 0.0
     closed = {k: torch.zeros_like(v) for k, v in ms.gate_values().items() if k.endswith("/ffn")}
     d = latent_drift(pipe.unet, pipe.scheduler, cond, closed, cfg)
-    assert d["mse"] > 0 and d["rel"] > 0 and d["rel_se"] > 0
-    assert latent_drift(pipe.unet, pipe.scheduler, cond, ms.gate_values(), cfg)["rel_se"] == 0.0
+    assert d["mse"] > 0 and d["rel"] > 0 and d["rel_se"] > 0 and d["rel_median"] > 0
+    zero = latent_drift(pipe.unet, pipe.scheduler, cond, ms.gate_values(), cfg)
+    assert zero["rel_se"] == 0.0 == zero["rel_median"]
 
 
 def test_drift_standard_error_is_the_spread_over_prompts():
@@ -153,6 +154,21 @@ def test_drift_standard_error_is_the_spread_over_prompts():
     per_prompt = np.sqrt(np.array(sq) / np.array(ref))
     assert 0.2 * per_prompt.std() / np.sqrt(len(sq)) < se < 5 * per_prompt.std() / np.sqrt(len(sq))
     assert bootstrap_rel_se([0.3], [1.0]) == 0.0  # one prompt: no spread to estimate
+
+
+def test_median_prompt_drift_ignores_a_flipped_prompt():
+    """The median statistic: one prompt whose image flips dominates the pooled drift, not the median's."""
+    import math
+
+    from uniforget.learn import median_rel
+
+    ref = [1.0] * 5
+    calm = [0.01, 0.01, 0.04, 0.04, 0.04]  # per prompt 0.1, 0.1, 0.2, 0.2, 0.2
+    flipped = calm[:4] + [4.0]  # the last prompt drifts 2.0
+    assert median_rel(calm, ref) == pytest.approx(0.2) == median_rel(flipped, ref)
+    assert math.sqrt(sum(flipped) / 5) > 4 * math.sqrt(sum(calm) / 5) / 2
+    assert median_rel([0.09, 0.36], [1.0, 4.0]) == pytest.approx(0.3)  # relative to each prompt's own scale
+    assert median_rel([], []) == 0.0
 
 
 def test_controls_match_counts_and_drift():
@@ -335,9 +351,11 @@ def test_cli_tune_weights_writes_a_unet_prune_accepts(pipe_dir, tmp_path, capsys
               "--batch", "2", "--sampler-steps", "2", "--device", "cpu", "--no-progress", "--tune-weights", "1e-3"]
     auto = tmp_path / "auto.safetensors"
     assert main([*common, "--out", str(auto), "--beta", "auto", "--ladder", "5,50", "--budget", "1e9",
-                 "--drift-prompts", "0"]) == 0  # the later --out wins
+                 "--drift-prompts", "0", "--budget-statistic", "median"]) == 0  # the later --out wins
+    assert "on the median drift, chose beta 50" in capsys.readouterr().out
     ams = MaskSet.load(auto)  # the ladder tuned the weights too: its masks come with their UNet
     assert ams.meta["beta_mode"] == "auto" and ams.meta["weight_lr"] == "0.001"
+    assert ams.meta["calibration_statistic"] == "median"
     assert (tmp_path / "auto.unet" / "config.json").is_file()
     assert main([*common, "--beta", "50", "--lr", "0.3", "--controls"]) == 0
     unet_dir = tmp_path / "masks.unet"
