@@ -79,8 +79,8 @@ def _op_counts(model: Any) -> Counter:
 
 
 def optimize_unet_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> OptimizeResult:
-    """Fuse `src` (an exported UNet) for the CPU provider into `dst` (may equal `src`); external data kept when
-    the graph needs it (> 2 GB). ExportError in one line when the optimizer fails."""
+    """Fuse `src` (an exported UNet) for the CPU provider into `dst` (may equal `src`); external data kept where
+    the source has it or the graph needs it (> 2 GB). ExportError in one line when the optimizer fails."""
     import onnx
 
     try:
@@ -107,7 +107,8 @@ def optimize_unet_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Optimi
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
     model = opt.model
     ops_after, n_after = _op_counts(model), len(model.graph.node)
-    large = sum(t.ByteSize() for t in model.graph.initializer) > 2**31 - 2**26  # protobuf's 2 GB limit
+    # external data where the source had it (a > 2 GB UNet, or the user's layout), or where protobuf needs it
+    large = old_data is not None or sum(t.ByteSize() for t in model.graph.initializer) > 2**31 - 2**26
     dst.parent.mkdir(parents=True, exist_ok=True)
     # in place, the data file keeps the source's name (optimum's layout reads model.onnx_data); else <dst>.data
     data_name = (old_data or dst.name + ".data") if dst.resolve() == src.resolve() else dst.name + ".data"
@@ -117,6 +118,9 @@ def optimize_unet_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Optimi
         del opt, model
         if large:
             _point_external_data(staging / dst.name, data_name)
+            # onnx creates the data file 0600: give it the model file's (umask) permissions, as the export does,
+            # so a server running as another user (Triton's container) can read the weights
+            os.chmod(staging / (dst.name + ".data"), (staging / dst.name).stat().st_mode & 0o777)
             os.replace(staging / (dst.name + ".data"), dst.parent / data_name)
         os.replace(staging / dst.name, dst)
         if old_data and (not large or old_data != data_name) and dst.resolve() == src.resolve():

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,9 +373,12 @@ def _write_config(model_dir: Path, cfg: dict[str, Any], schema: bool) -> Path:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link big model files when on the same filesystem (a repository of a 3 GB UNet costs no space)."""
+    """Hard-link big model files when on the same filesystem (a repository of a 3 GB UNet costs no space),
+    except ONNX external data, which is cloned or copied (`_clone_file`)."""
     if src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_file)
+        data = _external_data_files(src.rglob("*.onnx"))
+        shutil.copytree(src, dst, copy_function=lambda s, d: (_clone_file if Path(s).resolve() in data
+                                                              else _link_file)(s, d))
     else:
         _link_file(src, dst)
 
@@ -384,6 +388,36 @@ def _link_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+_FICLONE = 0x40049409  # Linux ioctl: share the source's extents (btrfs, XFS, ...), copy-on-write
+
+
+def _clone_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy an ONNX external-data file without linking it: onnx (>= 1.17) refuses to load external data that has
+    more than one hard link or is a symlink (a guard against reading arbitrary files), and a hard link would also
+    break `onnx.load` on the original, whose link count it shares. Where the filesystem can clone (reflink) the
+    copy costs no space; elsewhere it is a full copy."""
+    try:
+        import fcntl  # noqa: PLC0415  (POSIX only)
+
+        with open(src, "rb") as fs, open(dst, "wb") as fd:
+            fcntl.ioctl(fd.fileno(), _FICLONE, fs.fileno())
+        shutil.copystat(src, dst)
+    except (ImportError, OSError):
+        shutil.copy2(src, dst)
+
+
+def _external_data_files(graphs: Iterable[Path]) -> set[Path]:
+    """The external-data files these ONNX graphs name (resolved paths; the graphs' weights are not read)."""
+    import onnx  # noqa: PLC0415
+
+    files = set()
+    for g in graphs:
+        model = onnx.load(str(g), load_external_data=False)
+        files |= {(g.parent / e.value).resolve() for t in model.graph.initializer for e in t.external_data
+                  if e.key == "location"}
+    return files
 
 
 def write_repository(opts: TritonRepoOptions) -> TritonRepoResult:
@@ -458,14 +492,12 @@ def write_repository(opts: TritonRepoOptions) -> TritonRepoResult:
 
 
 def _copy_onnx(src: Path, dst: Path) -> None:
-    """Copy an ONNX file with its external-data files (same folder, as onnx saves them)."""
+    """Copy an ONNX file with its external-data files (same folder, as onnx saves them; those are not linked)."""
     _link_file(src, dst)
-    import onnx  # noqa: PLC0415
-
-    model = onnx.load(str(src), load_external_data=False)
-    locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    for loc in locations:
-        _link_file(src.parent / loc, dst.parent / loc)
+    for data in _external_data_files([src]):
+        target = dst.parent / data.relative_to(src.parent.resolve())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _clone_file(data, target)
 
 
 def _check_profile_covers(record: dict[str, Any], max_batch_size: int) -> None:

@@ -55,6 +55,21 @@ def test_in_place_keeps_the_file_name(exported, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
+def test_external_data_in_place_keeps_its_layout_and_permissions(exported, tmp_path):
+    """A > 2 GB UNet comes with external data (optimum's layout: model.onnx + model.onnx_data); the fused graph keeps
+    that layout under the same names, readable like the model file (onnx writes data files 0600), and loads."""
+    unet, src = exported
+    copy = tmp_path / "model.onnx"
+    onnx.save_model(onnx.load(str(src)), str(copy), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=0)
+    res, report = optimize_unet_validated(unet, copy, copy)
+    assert report.passed and res.nodes_after < res.nodes_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx_data"]
+    data = tmp_path / "model.onnx_data"
+    assert data.stat().st_mode & 0o777 == copy.stat().st_mode & 0o777
+    assert len(onnx.load(str(copy)).graph.initializer) > 0 and copy.stat().st_size < data.stat().st_size
+
+
 def test_failed_gate_removes_the_optimized_file(exported, tmp_path):
     unet, src = exported
     dst = tmp_path / "unet.opt.onnx"
