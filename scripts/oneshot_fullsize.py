@@ -213,6 +213,12 @@ def check(out: Path, tiny: bool) -> tuple[dict, list[str]]:
     for loc in locations:  # the repository's UNet must carry its weights along
         if not (triton / "unet_onnx" / "1" / loc).is_file():
             fails.append(f"triton/unet_onnx/1/{loc} missing")
+    # onnx refuses to load external data with more than one hard link: every graph's weights must stand alone
+    for graph in [p for p in out.rglob("*.onnx") if p.is_file()]:
+        g = onnx.load(str(graph), load_external_data=False)
+        for loc in {e.value for t in g.graph.initializer for e in t.external_data if e.key == "location"}:
+            if (graph.parent / loc).stat().st_nlink > 1:
+                fails.append(f"{(graph.parent / loc).relative_to(out)} is hard-linked: onnx.load would refuse it")
     if not os.umask(os.umask(0)) & 0o004:  # a server under another user must read every file and folder
         closed = [str(p.relative_to(out)) for p in [out, *triton.rglob("*")] if not p.stat().st_mode & 0o004]
         if closed:
@@ -323,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serve", action="store_true", help="also serve WORK/out/triton with a real tritonserver "
                     "(.venv-triton) and compare its image with in-process ONNX Runtime")
     ap.add_argument("--serve-steps", type=int, default=4, help="sampler steps of the served request")
+    ap.add_argument("--ort-optimize", action="store_true",
+                    help="pass --ort-optimize: ONNX Runtime's optimizer fuses the pipeline's UNet (gated against torch)")
     args = ap.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -345,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_file = work / "eval_prompts.json"
     eval_file.write_text(json.dumps(EVAL_PROMPTS, indent=1))
     out = work / "out"
-    cli = oneshot_argv(folder, out, eval_file, args.learn_steps)
+    cli = oneshot_argv(folder, out, eval_file, args.learn_steps) + (["--ort-optimize"] if args.ort_optimize else [])
     result["command"] = "uniforget-export " + " ".join(cli)
     result["oneshot"] = run_oneshot(cli, work / "oneshot.log")
     fails = [] if result["oneshot"]["rc"] == 0 else [f"uniforget-export exited {result['oneshot']['rc']} "
