@@ -501,7 +501,8 @@ def stage_triton(run: _Run) -> tuple[str, dict | None]:
 
         run.notes.append(f"Triton repository: {SCHEMA_SKIPPED}")
         return f"triton/ with {', '.join(res.models)} (schema check skipped: tritonclient not installed)", None
-    return f"triton/ with {', '.join(res.models)} (configs checked against Triton's schema)", None
+    copied = f"; {res.external_data_bytes / 1e9:.2f} GB of ONNX external data copied in" if res.external_data_bytes else ""
+    return f"triton/ with {', '.join(res.models)} (configs checked against Triton's schema{copied})", None
 
 
 def _eval_data(run: _Run) -> Any:

@@ -277,6 +277,7 @@ class TritonRepoResult:
     models: tuple[str, ...]
     configs: dict[str, Path]
     schema_checked: bool = True  # False: tritonclient missing, configs written unchecked (SCHEMA_SKIPPED)
+    external_data_bytes: int = 0  # ONNX external data cloned or copied into the repository (never hard-linked)
 
 
 def _kind(kind: str) -> str:
@@ -483,12 +484,17 @@ def write_repository(opts: TritonRepoOptions) -> TritonRepoResult:
             configs[PIPELINE] = _write_config(tmp / PIPELINE, pipeline_config(opts, python_env), schema)
         if schema:
             validate_repository(tmp)
+        data_bytes = sum(p.stat().st_size for p in _external_data_files(tmp.rglob("*.onnx")))
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("Triton model repository written to %s: %s", out, ", ".join(configs))
-    return TritonRepoResult(out, tuple(configs), {k: out / v.relative_to(tmp) for k, v in configs.items()}, schema)
+    if data_bytes:
+        log.info("%.2f GB of ONNX external data cloned or copied into it (onnx refuses to load hard-linked "
+                 "external data; on a filesystem with reflinks the clone costs no space)", data_bytes / 1e9)
+    return TritonRepoResult(out, tuple(configs), {k: out / v.relative_to(tmp) for k, v in configs.items()}, schema,
+                            data_bytes)
 
 
 def _copy_onnx(src: Path, dst: Path) -> None:

@@ -186,5 +186,6 @@ def test_external_data_is_not_hard_linked(tmp_path, unet_onnx):
         data = next(graph.parent.glob("*.onnx_data"))
         assert data.stat().st_nlink == 1, data
         assert len(onnx.load(str(graph)).graph.initializer) > 0  # external data loads: no hard-link refusal
+    assert res.external_data_bytes == sum(next(c.parent.glob("*.onnx_data")).stat().st_size for c in copies) > 0
     # files onnx does not guard are still linked (no space spent on them)
     assert (res.path / PIPELINE / "1" / "pipeline" / "text_encoder" / "model.onnx").stat().st_nlink == 2
