@@ -156,6 +156,20 @@ def test_drift_standard_error_is_the_spread_over_prompts():
     assert bootstrap_rel_se([0.3], [1.0]) == 0.0  # one prompt: no spread to estimate
 
 
+def test_drift_of_the_original_under_a_sampler_change(pipe, cond):
+    """DriftMeter.of(unet, sampler_cfg): the original against its own cached reference is 0 with the reference's
+    sampler and positive with more steps (the neutral scale heldout_drift.py --sampler-refs reads a budget on)."""
+    from uniforget.learn import DriftMeter
+
+    cfg = SamplerConfig(steps=2, guidance_scale=3.0)
+    meter = DriftMeter(pipe.unet, pipe.scheduler, cond, cfg)
+    same = meter.of(pipe.unet, cfg)
+    assert same["rel"] == 0.0 == same["rel_median"]
+    finer = meter.of(pipe.unet, replace(cfg, steps=4))
+    assert finer["rel"] > 0 and finer["rel_median"] > 0
+    assert meter.of(pipe.unet)["rel"] == 0.0  # the cached reference's own sampler by default
+
+
 def test_median_prompt_drift_ignores_a_flipped_prompt():
     """The median statistic: one prompt whose image flips dominates the pooled drift, not the median's."""
     import math
