@@ -194,5 +194,6 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
             "calibration_rungs_median": ";".join(f"{r.beta:g}:{r.drift_median:.5g}" for r in rungs),
             "calibration_statistic": cal.statistic,
             "steps": str(sum(r.steps for r in rungs[:chosen + 1])),
-            "neutral_drift_rel_holdout": f"{rungs[chosen].drift_rel:.6g}"}
+            "neutral_drift_rel_holdout": f"{rungs[chosen].drift_rel:.6g}",
+            "neutral_drift_median_holdout": f"{rungs[chosen].drift_median:.6g}"}
     return CalibrationResult(replace(ms, meta=meta), tuple(rungs), chosen, cal, over, chosen_unet)

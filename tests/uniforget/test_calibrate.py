@@ -83,6 +83,8 @@ def test_median_statistic_is_what_the_budget_bounds_when_asked(pipe):
     assert meta["calibration_statistic"] == "median" and pooled.maskset.meta["calibration_statistic"] == "pooled"
     medians = dict(x.split(":") for x in meta["calibration_rungs_median"].split(";"))
     assert float(medians["0"]) == 0.0 and float(medians["5000"]) == pytest.approx(top.drift_median, rel=1e-4)
+    chosen = median.rungs[median.chosen]
+    assert float(meta["neutral_drift_median_holdout"]) == pytest.approx(chosen.drift_median, rel=1e-5)
 
 
 def test_over_budget_at_the_first_rung_is_said(pipe):
