@@ -377,7 +377,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link big model files when on the same filesystem (a repository of a 3 GB UNet costs no space),
     except ONNX external data, which is cloned or copied (`_clone_file`)."""
     if src.is_dir():
-        data = _external_data_files(src.rglob("*.onnx"))
+        data = external_data_files(src.rglob("*.onnx"))
         shutil.copytree(src, dst, copy_function=lambda s, d: (_clone_file if Path(s).resolve() in data
                                                               else _link_file)(s, d))
     else:
@@ -409,7 +409,7 @@ def _clone_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         shutil.copy2(src, dst)
 
 
-def _external_data_files(graphs: Iterable[Path]) -> set[Path]:
+def external_data_files(graphs: Iterable[Path]) -> set[Path]:
     """The external-data files these ONNX graphs name (resolved paths; the graphs' weights are not read)."""
     import onnx  # noqa: PLC0415
 
@@ -484,7 +484,7 @@ def write_repository(opts: TritonRepoOptions) -> TritonRepoResult:
             configs[PIPELINE] = _write_config(tmp / PIPELINE, pipeline_config(opts, python_env), schema)
         if schema:
             validate_repository(tmp)
-        data_bytes = sum(p.stat().st_size for p in _external_data_files(tmp.rglob("*.onnx")))
+        data_bytes = sum(p.stat().st_size for p in external_data_files(tmp.rglob("*.onnx")))
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -500,7 +500,7 @@ def write_repository(opts: TritonRepoOptions) -> TritonRepoResult:
 def _copy_onnx(src: Path, dst: Path) -> None:
     """Copy an ONNX file with its external-data files (same folder, as onnx saves them; those are not linked)."""
     _link_file(src, dst)
-    for data in _external_data_files([src]):
+    for data in external_data_files([src]):
         target = dst.parent / data.relative_to(src.parent.resolve())
         target.parent.mkdir(parents=True, exist_ok=True)
         _clone_file(data, target)

@@ -188,6 +188,8 @@ def check(out: Path, tiny: bool) -> tuple[dict, list[str]]:
     """Every stage's artifact and gate, read back from the published output folder."""
     import onnx
 
+    from exporter.triton_repo import external_data_files, validate_repository
+
     fails: list[str] = []
     rep = json.loads((out / "report" / "report.json").read_text())
     stages = {s["name"]: s for s in rep["stages"]}
@@ -214,17 +216,14 @@ def check(out: Path, tiny: bool) -> tuple[dict, list[str]]:
         if not (triton / "unet_onnx" / "1" / loc).is_file():
             fails.append(f"triton/unet_onnx/1/{loc} missing")
     # onnx refuses to load external data with more than one hard link: every graph's weights must stand alone
-    for graph in [p for p in out.rglob("*.onnx") if p.is_file()]:
-        g = onnx.load(str(graph), load_external_data=False)
-        for loc in {e.value for t in g.graph.initializer for e in t.external_data if e.key == "location"}:
-            if (graph.parent / loc).stat().st_nlink > 1:
-                fails.append(f"{(graph.parent / loc).relative_to(out)} is hard-linked: onnx.load would refuse it")
+    for data in external_data_files(p for p in out.rglob("*.onnx") if p.is_file()):
+        if data.stat().st_nlink > 1:
+            fails.append(f"{data.relative_to(out.resolve())} is hard-linked: onnx.load would refuse it")
     if not os.umask(os.umask(0)) & 0o004:  # a server under another user must read every file and folder
         closed = [str(p.relative_to(out)) for p in [out, *triton.rglob("*")] if not p.stat().st_mode & 0o004]
         if closed:
             fails.append(f"not readable by other users: {closed[:3]} ({len(closed)} in all)")
     schema = not any("schema check skipped" in n for n in rep.get("notes", ()))
-    from exporter.triton_repo import validate_repository
 
     try:
         validate_repository(triton)

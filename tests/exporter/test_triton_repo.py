@@ -157,12 +157,10 @@ def test_build_cli_writes_repository_and_rejects_empty_request(tmp_path, unet_on
     assert "nothing to build" in capsys.readouterr().err
 
 
-def test_external_data_is_not_hard_linked(tmp_path, unet_onnx):
+def test_external_data_is_not_hard_linked(tmp_path, unet_onnx, pipeline_dir):
     """onnx (>= 1.17) refuses to load external data with more than one hard link, so a repository that linked a
     > 2 GB UNet's weights would break `onnx.load` (Polygraphy, ONNX Runtime's optimizer) on the repository *and* on
     the export it came from. Graphs saved with external data stand in for the big UNet here."""
-    import shutil
-
     import onnx
 
     src = tmp_path / "src"
@@ -170,15 +168,9 @@ def test_external_data_is_not_hard_linked(tmp_path, unet_onnx):
     big = src / "unet.onnx"
     onnx.save_model(onnx.load(str(unet_onnx)), str(big), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="unet.onnx_data", size_threshold=0)
-    pipe = tmp_path / "pipe"
-    for part in ("text_encoder", "unet", "vae_decoder"):
-        (pipe / part).mkdir(parents=True)
-        shutil.copy(unet_onnx, pipe / part / "model.onnx")
+    pipe = pipeline_dir
     onnx.save_model(onnx.load(str(big)), str(pipe / "unet" / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
-    (pipe / "tokenizer").mkdir()
-    (pipe / "scheduler").mkdir()
-    (pipe / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
     res = write_repository(TritonRepoOptions(out_dir=tmp_path / "t", unet_onnx=big, pipeline_dir=pipe))
     copies = [res.path / UNET_ONNX / "1" / "model.onnx", res.path / PIPELINE / "1" / "pipeline" / "unet" /
               "model.onnx"]
