@@ -334,6 +334,8 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
         run.masks_source = f"learned here (beta {res.maskset.meta.get('beta')}" + (
             f" chosen by --beta auto from {res.maskset.meta.get('calibration_rungs')}"
             f" (s.e. {res.maskset.meta.get('calibration_rungs_se')})" if cal else "") + (
+            f"; close call: {res.maskset.meta['calibration_close_call']}"
+            if cal and res.maskset.meta.get("calibration_close_call") else "") + (
             f", weights tuned jointly at lr {opts.tune_weights:g}" if res.unet is not None else "") + \
             f", {res.wall_s:.0f} s)"
         if res.unet is not None:  # plan and prune the tuned copy; the original stays the reference everywhere else

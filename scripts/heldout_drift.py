@@ -88,7 +88,8 @@ def main() -> None:
            "masks": None if args.masks is None else str(args.masks), "tune_weights": args.tune_weights,
            "steps": args.steps, "learn_prompts": len(learn_p), "heldout_prompts": len(held_p),
            "heldout_drift_rel": drift["rel"], "heldout_drift_rel_se": drift["rel_se"],
-           "heldout_drift_mse": drift["mse"], "heldout_drift_rel_median": drift["rel_median"], "closed": closed,
+           "heldout_drift_mse": drift["mse"], "heldout_drift_rel_median": drift["rel_median"],
+           "heldout_drift_rel_median_se": drift["rel_median_se"], "closed": closed,
            "wall_s": time.perf_counter() - t0}
     if args.sampler_refs:
         changes = [replace(cfg.sampler, steps=n) for n in (8, 12, 25, 50)]
@@ -97,7 +98,8 @@ def main() -> None:
         for sc in changes:
             d = meter.of(pipe.unet, sc)
             row["sampler_refs"][f"N={sc.steps} guidance {sc.guidance_scale:g}"] = {
-                "rel": d["rel"], "rel_se": d["rel_se"], "rel_median": d["rel_median"]}
+                "rel": d["rel"], "rel_se": d["rel_se"], "rel_median": d["rel_median"],
+                "rel_median_se": d["rel_median_se"]}
     print(json.dumps(row))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=1) + "\n")

@@ -4,7 +4,9 @@
 
 UniForget can only remove what its gates reach (attention heads, FFN neurons, norm channels). If closing a
 large random share of one kind leaves the planted images intact while neutral fidelity holds, memorization
-does not live in that kind, and no mask over it can remove it selectively. This script measures, per kind
+does not live in that kind, and no mask over it can remove it selectively. The kind `resnet` is outside the
+gates' reach, for comparison: random hidden channels of every ResNet block (the input columns of its second
+convolution) zeroed in a copy of the UNet. This script measures, per kind
 and fraction (random units closed in every module of that kind, same seeds throughout): strict copy rate,
 nearest-neighbour identity, SSIM to the planted image, judge accuracy on held-out neutral prompts and pixel
 drift against the original. Prints a table and writes JSON; it reads no mask and learns nothing.
@@ -13,10 +15,13 @@ drift against the original. Prints a table and writes JSON; it reads no mask and
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 from pathlib import Path
 
+import torch
+from diffusers.models.resnet import ResnetBlock2D
 from rich.console import Console
 from rich.table import Table
 
@@ -31,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/ablation.json"))
     ap.add_argument("--spec", type=Path, default=None, help="dataset spec the model was trained on (default: toy's)")
     ap.add_argument("--fractions", default="0.1,0.3,0.5,0.7,0.9")
-    ap.add_argument("--kinds", default="ffn,norm,heads,attn2")
+    ap.add_argument("--kinds", default="ffn,norm,heads,attn2,resnet")
     ap.add_argument("--seeds", type=int, default=4, help="seeds per memorized caption")
     ap.add_argument("--neutral", type=int, default=48, help="held-out neutral prompts (evenly spaced subset)")
     ap.add_argument("--mask-seed", type=int, default=0)
@@ -52,8 +57,17 @@ def main() -> None:
         # "attn2": cross-attention heads only, the path every text trigger must take.
         gk, only = ("heads", ".attn2") if kind == "attn2" else (kind, None)
         for f in fractions:
-            gates = random_kind_ablation(pipe.unet, gk, f, args.mask_seed, only)
-            ev = evaluate(pipe, data, cfg, gates=gates, reference=original, label=f"{kind}@{f}", defaults=defaults)
+            if kind == "resnet":
+                dense = pipe.unet
+                pipe.unet = _ablate_resnets(dense, f, args.mask_seed)
+                try:
+                    ev = evaluate(pipe, data, cfg, reference=original, label=f"{kind}@{f}", defaults=defaults)
+                finally:
+                    pipe.unet = dense
+            else:
+                gates = random_kind_ablation(pipe.unet, gk, f, args.mask_seed, only)
+                ev = evaluate(pipe, data, cfg, gates=gates, reference=original, label=f"{kind}@{f}",
+                              defaults=defaults)
             rows.append({"kind": kind, "fraction": f, **_metrics(ev)})
             Console(stderr=True).print(f"{kind} {f:.2f}: copy {rows[-1]['copy_rate']:.2f} "
                                        f"nn {rows[-1]['nn_identity']:.2f} judge {rows[-1]['judge_accuracy']:.3f}")
@@ -61,6 +75,20 @@ def main() -> None:
     write_json({"model": str(model_dir), "seeds": args.seeds, "neutral_prompts": args.neutral,
                 "mask_seed": args.mask_seed, "wall_s": time.perf_counter() - t0, "rows": rows}, args.out)
     print(f"wrote {args.out}")
+
+
+def _ablate_resnets(unet: torch.nn.Module, fraction: float, seed: int) -> torch.nn.Module:
+    """A copy of `unet` with round(fraction * C) random hidden channels of every ResNet block removed (zero input
+    columns of conv2, i.e. after norm2 and the activation), the same seeds throughout like the gate kinds."""
+    gen = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(unet)
+    with torch.no_grad():
+        for mod in out.modules():
+            if isinstance(mod, ResnetBlock2D):
+                c = mod.conv2.in_channels
+                idx = torch.randperm(c, generator=gen)[: round(fraction * c)]
+                mod.conv2.weight[:, idx] = 0.0
+    return out
 
 
 def _metrics(ev) -> dict[str, float | None]:

@@ -16,6 +16,10 @@ another (docs/dememorization.md). The rule, measurable on any model without outs
    whose trajectory flips to another object; docs/dememorization.md section 0l).
 4. Keep the strongest rung whose drift is <= `budget`; stop at the first rung over it. If even the first
    rung is over budget, keep it and say so (the user should lower the ladder or raise the budget).
+5. Say when the decision is a close call: the kept rung, or the rung that stopped the ladder, lies within one
+   bootstrap standard error of the budget (`close_call`). The rule still decides; the warning tells the user
+   that another held-out split, another thread count or a rerun may keep the neighbouring rung (section 0l
+   measured exactly that on the toy).
 
 With `weight_lr > 0` (`--tune-weights`) each rung also continues from the tuned weights of the rung below, the
 drift is that of the gated tuned copy, and the chosen rung's copy comes back as `CalibrationResult.unet`.
@@ -97,10 +101,15 @@ class Rung:
     wall_s: float
     drift_se: float = 0.0  # bootstrap standard error of drift_rel over the held-out prompts
     drift_median: float = 0.0  # median over the held-out prompts of each prompt's relative drift
+    drift_median_se: float = 0.0  # its bootstrap standard error
 
     def drift(self, statistic: str = "pooled") -> float:
         """The drift the budget bounds under `statistic` (CalibrationConfig.statistic)."""
         return self.drift_median if statistic == "median" else self.drift_rel
+
+    def se(self, statistic: str = "pooled") -> float:
+        """The bootstrap standard error of `drift(statistic)` over the held-out prompts."""
+        return self.drift_median_se if statistic == "median" else self.drift_se
 
     def within(self, budget: float, statistic: str = "pooled") -> bool:
         return self.drift(statistic) <= budget
@@ -165,7 +174,7 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
         d = meter(values, res.unet)  # a tuned copy is gated, not the original
         closed, mean_gate = kind_summary(values)
         rung = Rung(float(beta), d["rel"], d["mse"], closed, mean_gate, rcfg.steps, time.perf_counter() - t0,
-                    d["rel_se"], d["rel_median"])
+                    d["rel_se"], d["rel_median"], d["rel_median_se"])
         rungs.append(rung)
         masks.append(res.maskset)
         log.info("calibration rung beta %g: held-out neutral drift %.4f (s.e. %.4f over %d prompts; median prompt "
@@ -184,6 +193,9 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
         log.warning("even the weakest rung (beta %g) drifts %.4f on held-out neutral prompts, over the budget %.4f: "
                     "keeping it; lower the ladder or raise --budget", rungs[0].beta, rungs[0].drift(cal.statistic),
                     cal.budget)
+    close = close_call(rungs, chosen, cal.budget, cal.statistic, over)
+    if close:
+        log.warning("close call: %s", close)
     ms = masks[chosen]
     meta = {**ms.meta, "beta": repr(rungs[chosen].beta), "beta_mode": "auto",
             "calibration_budget_rel_drift": repr(cal.budget), "calibration_holdout": repr(cal.holdout),
@@ -192,8 +204,30 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
             "calibration_rungs": ";".join(f"{r.beta:g}:{r.drift_rel:.5g}" for r in rungs),
             "calibration_rungs_se": ";".join(f"{r.beta:g}:{r.drift_se:.3g}" for r in rungs),
             "calibration_rungs_median": ";".join(f"{r.beta:g}:{r.drift_median:.5g}" for r in rungs),
+            "calibration_rungs_median_se": ";".join(f"{r.beta:g}:{r.drift_median_se:.3g}" for r in rungs),
+            "calibration_close_call": close,
             "calibration_statistic": cal.statistic,
             "steps": str(sum(r.steps for r in rungs[:chosen + 1])),
             "neutral_drift_rel_holdout": f"{rungs[chosen].drift_rel:.6g}",
             "neutral_drift_median_holdout": f"{rungs[chosen].drift_median:.6g}"}
     return CalibrationResult(replace(ms, meta=meta), tuple(rungs), chosen, cal, over, chosen_unet)
+
+
+def close_call(rungs: Sequence[Rung], chosen: int, budget: float, statistic: str = "pooled",
+               over: bool = False) -> str:
+    """One sentence when the rule's decision lies within one standard error of the budget, else "".
+
+    Two rungs decide: the kept one (within budget unless `over`) and the one after it, which stopped the ladder.
+    Either within one bootstrap s.e. of `budget` means the held-out prompts cannot tell the two apart, so the
+    rung kept is a draw of the prompt split (and of float rounding) as much as a property of the model."""
+    parts = []
+    kept = rungs[chosen]
+    if not over and kept.se(statistic) > 0 and kept.drift(statistic) + kept.se(statistic) > budget:
+        parts.append(f"the kept beta {kept.beta:g} drifts {kept.drift(statistic):.3f} +- {kept.se(statistic):.3f}")
+    nxt = rungs[chosen + 1] if not over and chosen + 1 < len(rungs) else None
+    if nxt is not None and nxt.se(statistic) > 0 and nxt.drift(statistic) - nxt.se(statistic) <= budget:
+        parts.append(f"the next beta {nxt.beta:g} drifts {nxt.drift(statistic):.3f} +- {nxt.se(statistic):.3f}")
+    if not parts:
+        return ""
+    return (f"{' and '.join(parts)} ({statistic} held-out drift +- 1 s.e.) against the budget {budget:g}: another "
+            "held-out split or a rerun may keep the neighbouring rung")

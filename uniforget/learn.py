@@ -421,7 +421,8 @@ class DriftMeter:
     Calling it with gates returns `mse` (mean squared final-latent difference, the learning loss's first
     term), `rel` (RMS difference / RMS of the original latents, pooled over the prompts), its bootstrap
     standard error `rel_se`, and `rel_median`, the median over prompts of each prompt's own relative drift
-    (robust to the few prompts whose trajectory flips to another object). Gates None or empty = drift 0.
+    (robust to the few prompts whose trajectory flips to another object), with its own bootstrap standard error
+    `rel_median_se`. Gates None or empty = drift 0.
     Matching controls to a drift evaluates many gate sets, so the reference latents are cached.
     """
 
@@ -464,7 +465,8 @@ class DriftMeter:
             ref_sq += ref.float().pow(2).sum(dims).tolist()
             n += ref.numel()
         return {"mse": sum(sq) / n, "rel": math.sqrt(sum(sq) / max(sum(ref_sq), 1e-30)),
-                "rel_se": bootstrap_rel_se(sq, ref_sq), "rel_median": median_rel(sq, ref_sq)}
+                "rel_se": bootstrap_rel_se(sq, ref_sq), "rel_median": median_rel(sq, ref_sq),
+                "rel_median_se": bootstrap_rel_se(sq, ref_sq, statistic="median")}
 
 
 def median_rel(sq: list[float], ref_sq: list[float]) -> float:
@@ -475,16 +477,22 @@ def median_rel(sq: list[float], ref_sq: list[float]) -> float:
     return float(np.median(np.sqrt(a / np.maximum(b, 1e-30))))
 
 
-def bootstrap_rel_se(sq: list[float], ref_sq: list[float], draws: int = 1000, seed: int = 0) -> float:
-    """Standard error of the pooled relative drift sqrt(sum sq / sum ref_sq) over prompts (seeded bootstrap).
+def bootstrap_rel_se(sq: list[float], ref_sq: list[float], draws: int = 1000, seed: int = 0,
+                     statistic: str = "pooled") -> float:
+    """Standard error over prompts (seeded bootstrap) of the pooled relative drift sqrt(sum sq / sum ref_sq), or
+    with `statistic="median"` of the median prompt's relative drift (`median_rel`).
 
     Why: the drift is measured on a few dozen held-out prompts, one start noise each, and prompts differ a lot,
-    so a rung 0.01 under the budget may be a draw of the prompt set; `--beta auto` reports this beside it."""
+    so a rung 0.01 under the budget may be a draw of the prompt set; `--beta auto` reports this beside it and
+    says when its decision is that close (calibrate.close_call)."""
     a, b = np.asarray(sq, dtype=np.float64), np.asarray(ref_sq, dtype=np.float64)
     if len(a) < 2:
         return 0.0
     idx = np.random.default_rng(seed).integers(0, len(a), size=(draws, len(a)))
-    rel = np.sqrt(a[idx].sum(1) / np.maximum(b[idx].sum(1), 1e-30))
+    if statistic == "median":
+        rel = np.median(np.sqrt(a[idx] / np.maximum(b[idx], 1e-30)), axis=1)
+    else:
+        rel = np.sqrt(a[idx].sum(1) / np.maximum(b[idx].sum(1), 1e-30))
     return float(rel.std(ddof=1))
 
 

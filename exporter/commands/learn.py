@@ -130,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  --beta auto: ladder beta:held-out drift {meta['calibration_rungs']}{se}{med}, budget "
               f"{meta['calibration_budget_rel_drift']} on the {stat} drift, chose beta {meta['beta']}"
               + (" (OVER BUDGET even at the weakest rung)" if meta["calibration_over_budget"] == "true" else ""))
+        if meta.get("calibration_close_call"):
+            print(f"  close call: {meta['calibration_close_call']}")
     return 0
 
 

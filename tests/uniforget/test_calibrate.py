@@ -9,7 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from uniforget.calibrate import CalibrationConfig, CalibrationError, calibrate, parse_ladder, split_prompts
+from uniforget.calibrate import (
+    CalibrationConfig,
+    CalibrationError,
+    Rung,
+    calibrate,
+    close_call,
+    parse_ladder,
+    split_prompts,
+)
 from uniforget.geometries import tiny_pipeline
 from uniforget.learn import LearnConfig, learn_masks
 from uniforget.sampler import SamplerConfig, encode_prompts
@@ -59,11 +67,17 @@ def test_ladder_keeps_the_strongest_rung_within_budget(pipe):
     ses = everything.maskset.meta["calibration_rungs_se"].split(";")  # beside each rung's drift, not used by the rule
     assert [float(x.split(":")[0]) for x in ses] == [0.0, 50.0, 5000.0]
     assert everything.rungs[0].drift_se == 0.0 and everything.rungs[2].drift_se > 0
+    med_ses = everything.maskset.meta["calibration_rungs_median_se"].split(";")
+    assert len(med_ses) == 3 and everything.rungs[0].drift_median_se == 0.0
+    assert everything.maskset.meta["calibration_close_call"] == ""  # budget 1e9: nothing is near it
     # a budget between rung 0 and the last: the ladder stops at the first rung over it and keeps the one below
     tight = calibrate(pipe.unet, pipe.scheduler, cl, ch, FAST, replace(cal, budget=drifts[2] / 2))
     assert tight.rungs[tight.chosen].drift_rel <= drifts[2] / 2 and tight.chosen < 2
     assert not tight.over_budget
     assert len(tight.rungs) == tight.chosen + 2  # stopped right after the first rung over budget
+    # a budget at the last rung's own drift keeps it, and says the decision is a close call
+    edge = calibrate(pipe.unet, pipe.scheduler, cl, ch, FAST, replace(cal, budget=drifts[2]))
+    assert edge.chosen == 2 and "the kept beta 5000" in edge.maskset.meta["calibration_close_call"]
 
 
 def test_median_statistic_is_what_the_budget_bounds_when_asked(pipe):
@@ -173,3 +187,24 @@ def test_calibration_reads_neutral_prompts_only(tmp_path, monkeypatch):
     assert not [f for f in opened if "items" in Path(f).parts or f.endswith(("prompts_eval.json", "spec.json"))]
     assert ms.meta["beta_mode"] == "auto" and float(ms.meta["neutral_drift_rel_holdout"]) >= 0
     assert np.isfinite(float(ms.meta["beta"]))
+
+
+def _rung(beta: float, drift: float, se: float, median: float = 0.0, median_se: float = 0.0) -> Rung:
+    return Rung(beta, drift, 0.0, {}, {}, 1, 0.0, se, median, median_se)
+
+
+def test_close_call_flags_a_decision_within_one_standard_error():
+    """The shipped toy's ladder (docs section 0k/0l): beta 5 at 0.193 +- 0.020 under the budget 0.2 is a close
+    call; the same ladder with a tight spread is not; and the stopping rung counts as much as the kept one."""
+    ladder = [_rung(1, 0.095, 0.009), _rung(2, 0.142, 0.012), _rung(5, 0.193, 0.020), _rung(10, 0.243, 0.020)]
+    msg = close_call(ladder, 2, 0.2)
+    assert "beta 5" in msg and "0.193 +- 0.020" in msg and "beta 10" not in msg
+    tight = [replace(r, drift_se=0.002) for r in ladder]
+    assert close_call(tight, 2, 0.2) == ""
+    stopper = ladder[:2] + [_rung(5, 0.215, 0.02)]  # kept beta 2 is clear of the budget; beta 5 stopped within 1 s.e.
+    assert "next beta 5" in close_call(stopper, 1, 0.2) and "kept" not in close_call(stopper, 1, 0.2)
+    # the statistic the budget bounds decides: the median here is clear of it where the pooled drift is not
+    med = [_rung(1, 0.10, 0.01, 0.08, 0.01), _rung(5, 0.195, 0.03, 0.15, 0.005), _rung(10, 0.25, 0.03, 0.3, 0.01)]
+    assert close_call(med, 1, 0.2, "pooled") and not close_call(med, 1, 0.2, "median")
+    # over budget at the first rung: nothing was kept within it, so there is no close call to report
+    assert close_call([_rung(1, 0.21, 0.02)], 0, 0.2, over=True) == ""

@@ -156,6 +156,21 @@ def test_drift_standard_error_is_the_spread_over_prompts():
     assert bootstrap_rel_se([0.3], [1.0]) == 0.0  # one prompt: no spread to estimate
 
 
+def test_median_standard_error_ignores_one_flipped_prompt():
+    """The median's bootstrap s.e.: zero when every prompt drifts alike, and, unlike the pooled statistic's, barely
+    moved by one prompt whose trajectory flipped to another object (the case section 0l of the docs measured)."""
+    from uniforget.learn import bootstrap_rel_se
+
+    ref = [1.0] * 12
+    assert bootstrap_rel_se([0.01] * 12, ref, statistic="median") == pytest.approx(0.0, abs=1e-12)
+    sq = [0.01 * (1 + 0.1 * i) for i in range(12)]
+    flipped = sq[:-1] + [4.0]
+    p0, p1 = (bootstrap_rel_se(x, ref) for x in (sq, flipped))
+    median = [bootstrap_rel_se(x, ref, statistic="median") for x in (sq, flipped)]
+    assert p1 > 5 * p0  # the pooled s.e. explodes with the flipped prompt
+    assert median[1] < 2 * median[0] and median[1] < p1 / 5
+
+
 def test_drift_of_the_original_under_a_sampler_change(pipe, cond):
     """DriftMeter.of(unet, sampler_cfg): the original against its own cached reference is 0 with the reference's
     sampler and positive with more steps (the neutral scale heldout_drift.py --sampler-refs reads a budget on)."""
