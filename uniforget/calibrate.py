@@ -7,13 +7,14 @@ another (docs/dememorization.md). The rule, measurable on any model without outs
 1. Split the *neutral* prompts deterministically: `holdout` of them are never learned from.
 2. Learn up a ladder of strengths. The first rung is a full learning run; each later rung continues from
    the gates of the rung below for `rung_steps` more steps at its own beta (a continuation path: closed
-   gates stay closed, so drift grows along the ladder and the search can stop early).
+   gates stay closed, so drift mostly grows along the ladder and the search can stop early; the pooled drift
+   can dip when a prompt whose image flipped at one rung flips back at the next, docs section 0m).
 3. After each rung, measure the relative latent drift of the gated model on the held-out neutral prompts:
    RMS(F_gated - F_orig) / RMS(F_orig) of the final latents of the N-step sampler, fixed start noise, pooled
    over the prompts (`statistic="pooled"`, the default). Its bootstrap standard error over those prompts is
-   logged and recorded beside it (not used by the rule), and so is the median over prompts of each prompt's
-   own relative drift, which the rule budgets instead with `statistic="median"` (robust to the few prompts
-   whose trajectory flips to another object; docs/dememorization.md section 0l).
+   logged and recorded beside it (the decision does not use it; step 5's warning does), and so is the median
+   over prompts of each prompt's own relative drift, which the rule budgets instead with `statistic="median"`
+   (robust to the few prompts whose trajectory flips to another object; docs/dememorization.md section 0l).
 4. Keep the strongest rung whose drift is <= `budget`; stop at the first rung over it. If even the first
    rung is over budget, keep it and say so (the user should lower the ladder or raise the budget).
 5. Say when the decision is a close call: the kept rung, or the rung that stopped the ladder, lies within one

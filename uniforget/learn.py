@@ -469,12 +469,15 @@ class DriftMeter:
                 "rel_median_se": bootstrap_rel_se(sq, ref_sq, statistic="median")}
 
 
+def _per_prompt_rel(sq: list[float], ref_sq: list[float]) -> np.ndarray:
+    """sqrt(sq_i / ref_sq_i): each prompt's own relative drift."""
+    a, b = np.asarray(sq, dtype=np.float64), np.asarray(ref_sq, dtype=np.float64)
+    return np.sqrt(a / np.maximum(b, 1e-30))
+
+
 def median_rel(sq: list[float], ref_sq: list[float]) -> float:
     """Median over prompts of sqrt(sq_i / ref_sq_i): the typical prompt's relative drift (DriftMeter)."""
-    if not sq:
-        return 0.0
-    a, b = np.asarray(sq, dtype=np.float64), np.asarray(ref_sq, dtype=np.float64)
-    return float(np.median(np.sqrt(a / np.maximum(b, 1e-30))))
+    return float(np.median(_per_prompt_rel(sq, ref_sq))) if sq else 0.0
 
 
 def bootstrap_rel_se(sq: list[float], ref_sq: list[float], draws: int = 1000, seed: int = 0,
@@ -490,7 +493,7 @@ def bootstrap_rel_se(sq: list[float], ref_sq: list[float], draws: int = 1000, se
         return 0.0
     idx = np.random.default_rng(seed).integers(0, len(a), size=(draws, len(a)))
     if statistic == "median":
-        rel = np.median(np.sqrt(a[idx] / np.maximum(b[idx], 1e-30)), axis=1)
+        rel = np.median(_per_prompt_rel(sq, ref_sq)[idx], axis=1)
     else:
         rel = np.sqrt(a[idx].sum(1) / np.maximum(b[idx].sum(1), 1e-30))
     return float(rel.std(ddof=1))
