@@ -331,13 +331,9 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
                            write_unet=False)
         res = run_learn(req, callback=lambda stats: run.obs.advance(1))
         run.masks = res.maskset
-        run.masks_source = f"learned here (beta {res.maskset.meta.get('beta')}" + (
-            f" chosen by --beta auto from {res.maskset.meta.get('calibration_rungs')}"
-            f" (s.e. {res.maskset.meta.get('calibration_rungs_se')})" if cal else "") + (
-            f"; close call: {res.maskset.meta['calibration_close_call']}"
-            if cal and res.maskset.meta.get("calibration_close_call") else "") + (
-            f", weights tuned jointly at lr {opts.tune_weights:g}" if res.unet is not None else "") + \
-            f", {res.wall_s:.0f} s)"
+        run.masks_source = _learned_source(res.maskset.meta, calibrated=cal is not None,
+                                           tuned_lr=opts.tune_weights if res.unet is not None else None,
+                                           wall_s=res.wall_s)
         if res.unet is not None:  # plan and prune the tuned copy; the original stays the reference everywhere else
             run.base = res.unet
         for name in ("random", "shuffled") if want_controls else ():
@@ -347,6 +343,20 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
         summary = run.masks_source
     run.masks.save(run.tmp / "masks.safetensors")
     return summary, None
+
+
+def _learned_source(meta: dict, *, calibrated: bool, tuned_lr: float | None, wall_s: float) -> str:
+    """One line saying how the one-shot's own masks were learned: the strength, the ladder behind it and whether
+    its decision was a close call (--beta auto), the jointly tuned weights, and the time."""
+    parts = [f"beta {meta.get('beta')}"]
+    if calibrated:
+        parts[0] += f" chosen by --beta auto from {meta.get('calibration_rungs')} (s.e. {meta.get('calibration_rungs_se')})"
+        if meta.get("calibration_close_call"):
+            parts[0] += f"; close call: {meta['calibration_close_call']}"
+    if tuned_lr is not None:
+        parts.append(f"weights tuned jointly at lr {tuned_lr:g}")
+    parts.append(f"{wall_s:.0f} s")
+    return f"learned here ({', '.join(parts)})"
 
 
 def _gated_unet(masks: Any, path: Path, dense: Any, fp: str) -> Any:

@@ -464,9 +464,9 @@ class DriftMeter:
                 sq += [0.0] * ref.shape[0]
             ref_sq += ref.float().pow(2).sum(dims).tolist()
             n += ref.numel()
+        se = _bootstrap_rel_se(sq, ref_sq)
         return {"mse": sum(sq) / n, "rel": math.sqrt(sum(sq) / max(sum(ref_sq), 1e-30)),
-                "rel_se": bootstrap_rel_se(sq, ref_sq), "rel_median": median_rel(sq, ref_sq),
-                "rel_median_se": bootstrap_rel_se(sq, ref_sq, statistic="median")}
+                "rel_se": se["pooled"], "rel_median": median_rel(sq, ref_sq), "rel_median_se": se["median"]}
 
 
 def _per_prompt_rel(sq: list[float], ref_sq: list[float]) -> np.ndarray:
@@ -488,15 +488,20 @@ def bootstrap_rel_se(sq: list[float], ref_sq: list[float], draws: int = 1000, se
     Why: the drift is measured on a few dozen held-out prompts, one start noise each, and prompts differ a lot,
     so a rung 0.01 under the budget may be a draw of the prompt set; `--beta auto` reports this beside it and
     says when its decision is that close (calibrate.close_call)."""
+    if statistic not in ("pooled", "median"):
+        raise ValueError(f"statistic must be 'pooled' or 'median', not {statistic!r}")
+    return _bootstrap_rel_se(sq, ref_sq, draws, seed)[statistic]
+
+
+def _bootstrap_rel_se(sq: list[float], ref_sq: list[float], draws: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Both statistics' bootstrap s.e. from one set of resampled prompt indices."""
     a, b = np.asarray(sq, dtype=np.float64), np.asarray(ref_sq, dtype=np.float64)
     if len(a) < 2:
-        return 0.0
+        return {"pooled": 0.0, "median": 0.0}
     idx = np.random.default_rng(seed).integers(0, len(a), size=(draws, len(a)))
-    if statistic == "median":
-        rel = np.median(_per_prompt_rel(sq, ref_sq)[idx], axis=1)
-    else:
-        rel = np.sqrt(a[idx].sum(1) / np.maximum(b[idx].sum(1), 1e-30))
-    return float(rel.std(ddof=1))
+    pooled = np.sqrt(a[idx].sum(1) / np.maximum(b[idx].sum(1), 1e-30))
+    median = np.median(_per_prompt_rel(sq, ref_sq)[idx], axis=1)
+    return {"pooled": float(pooled.std(ddof=1)), "median": float(median.std(ddof=1))}
 
 
 def latent_drift(unet: Any, scheduler: Any, cond: Conditioning, gates: dict[str, GateSource] | None,

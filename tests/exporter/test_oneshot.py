@@ -287,3 +287,17 @@ def test_tune_weights_prunes_the_tuned_copy(tiny_model_dir, tmp_path):
     again = run_export(replace(base, beta="10", tune_weights=0.0, masks=masks, out=tmp_path / "o2", validate=False,
                                progress=False))
     assert all(g["passed"] for g in again.parity.values())
+
+
+def test_learned_source_line_names_ladder_close_call_and_tuning():
+    """The masks line of the summary: the kept strength, the ladder only under --beta auto, a close call when the
+    MaskSet records one, and the jointly tuned weights only when they were tuned."""
+    meta = {"beta": 5.0, "calibration_rungs": "{1: 0.1, 5: 0.19}", "calibration_rungs_se": "{1: 0.01, 5: 0.02}",
+            "calibration_close_call": "the kept beta 5 drifts 0.19 +- 0.02"}
+    auto = oneshot._learned_source(meta, calibrated=True, tuned_lr=None, wall_s=12.4)
+    assert auto.startswith("learned here (beta 5.0 chosen by --beta auto from {1: 0.1, 5: 0.19}")
+    assert "close call: the kept beta 5" in auto and auto.endswith(", 12 s)") and "tuned" not in auto
+    fixed = oneshot._learned_source({"beta": 2.0}, calibrated=False, tuned_lr=1e-4, wall_s=3)
+    assert fixed == "learned here (beta 2.0, weights tuned jointly at lr 0.0001, 3 s)"
+    clear = oneshot._learned_source({**meta, "calibration_close_call": ""}, calibrated=True, tuned_lr=None, wall_s=1)
+    assert "close call" not in clear

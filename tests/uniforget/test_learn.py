@@ -169,6 +169,8 @@ def test_median_standard_error_ignores_one_flipped_prompt():
     median = [bootstrap_rel_se(x, ref, statistic="median") for x in (sq, flipped)]
     assert p1 > 5 * p0  # the pooled s.e. explodes with the flipped prompt
     assert median[1] < 2 * median[0] and median[1] < p1 / 5
+    with pytest.raises(ValueError, match="statistic"):
+        bootstrap_rel_se(sq, ref, statistic="mean")  # a typo is not silently the pooled statistic
 
 
 def test_drift_of_the_original_under_a_sampler_change(pipe, cond):
