@@ -16,6 +16,16 @@ is sampled with more steps or another guidance than the budget's N-step referenc
 budget against (docs/dememorization.md sections 0i and 0l).
 
     python scripts/heldout_drift.py --masks uniforget/toy/masks/auto.safetensors --sampler-refs --out runs/heldout/refs.json
+
+`--scale binary|lerp` measures (and with `--masks-out` writes) a rescaled copy of the MaskSet instead: `binary` keeps
+the closed gates closed and opens every other gate fully (what a plain pruning of the closed units would leave);
+`lerp` scales every gate toward open, g -> 1 - t (1 - g), with t bisected so that the held-out drift meets
+`--lerp-target`. Both are studies of whether a strong mask scaled down to a budget beats a weaker rung at the same
+drift (section 0n), not options of the product.
+
+    python scripts/heldout_drift.py --beta 10 --masks-out runs/interp/b10_72.safetensors --out runs/interp/b10_72.json
+    python scripts/heldout_drift.py --masks runs/interp/b10_72.safetensors --scale lerp --lerp-target 0.193 \
+        --masks-out runs/interp/b10_lerp.safetensors --out runs/interp/b10_lerp.json
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +41,7 @@ from types import SimpleNamespace
 
 def main() -> None:
     from uniforget.calibrate import CalibrationConfig, split_prompts
+    from uniforget.controls import gates_to_logits
     from uniforget.evaluate import model_guidance
     from uniforget.fingerprint import model_fingerprint
     from uniforget.learn import (
@@ -57,8 +69,15 @@ def main() -> None:
                     help="also write the MaskSet here (and, with --tune-weights, the tuned UNet beside it as .unet/)")
     ap.add_argument("--sampler-refs", action="store_true",
                     help="also measure the original's own drift under sampler changes (N=8,12,25,50; guidance -0.5/+2)")
+    ap.add_argument("--scale", choices=("none", "binary", "lerp"), default="none",
+                    help="measure a rescaled copy of the gates: binary = closed stay closed, the rest open; "
+                         "lerp = 1 - t (1 - g) with t bisected to --lerp-target")
+    ap.add_argument("--lerp-target", type=float, default=CalibrationConfig().budget,
+                    help="--scale lerp: the held-out pooled relative drift to meet (default: the budget)")
     ap.add_argument("--out", type=Path, required=True, help="JSON to write")
     args = ap.parse_args()
+    if args.scale != "none" and args.tune_weights:
+        ap.error("--scale rescales frozen-weight gates; drop --tune-weights")
     if (args.beta is None) == (args.masks is None):
         ap.error("give exactly one of --beta (learn) and --masks (measure)")
     if args.masks is not None and not args.masks.is_file():
@@ -83,6 +102,12 @@ def main() -> None:
                        seed=cfg.seed + offset)
     gates = res.maskset.gate_values()
     drift = meter(gates, res.unet)  # a tuned copy is gated, not the original
+    scaled: dict = {}
+    if args.scale != "none":
+        scaled = {"scale": args.scale, "unscaled_drift_rel": drift["rel"], "unscaled_drift_rel_se": drift["rel_se"],
+                  "unscaled_closed": kind_summary(gates)[0]}
+        gates, scaled["knob"] = rescale_gates(gates, args.scale, lambda g: meter(g)["rel"], args.lerp_target)
+        drift = meter(gates)
     closed = kind_summary(gates)[0]
     row = {"beta": args.beta if args.masks is None else res.maskset.meta.get("beta"),
            "masks": None if args.masks is None else str(args.masks), "tune_weights": args.tune_weights,
@@ -90,7 +115,7 @@ def main() -> None:
            "heldout_drift_rel": drift["rel"], "heldout_drift_rel_se": drift["rel_se"],
            "heldout_drift_mse": drift["mse"], "heldout_drift_rel_median": drift["rel_median"],
            "heldout_drift_rel_median_se": drift["rel_median_se"], "closed": closed,
-           "wall_s": time.perf_counter() - t0}
+           **scaled, "wall_s": time.perf_counter() - t0}
     if args.sampler_refs:
         changes = [replace(cfg.sampler, steps=n) for n in (8, 12, 25, 50)]
         changes += [replace(cfg.sampler, guidance_scale=cfg.sampler.guidance_scale + g) for g in (-0.5, 2.0)]
@@ -103,10 +128,27 @@ def main() -> None:
     print(json.dumps(row))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(row, indent=1) + "\n")
-    if args.masks_out is not None and args.masks is None:
+    if args.masks_out is not None and scaled:
+        ms = res.maskset
+        MaskSet(gates_to_logits(gates, ms.gate_config), ms.model_fingerprint, ms.gate_config,
+                {**ms.meta, "scaled": args.scale, "scale_knob": f"{scaled['knob']:.6g}"}).save(args.masks_out)
+    elif args.masks_out is not None and args.masks is None:
         if res.unet is not None:
             save_unet_atomically(res.unet, tuned_unet_path_for(args.masks_out))
         res.maskset.save(args.masks_out)
+
+
+def rescale_gates(gates: dict, how: str, drift: Callable[[dict], float], target: float) -> tuple[dict, float]:
+    """`binary`: closed gates stay closed, the rest open (knob 1); `lerp`: 1 - t (1 - g), t bisected in [0, 1] so that
+    drift(gates) ~= target (knob t)."""
+    import torch
+
+    from uniforget.controls import match_drift
+
+    if how == "binary":
+        return {k: torch.where(v <= 0, v, torch.ones_like(v)) for k, v in gates.items()}, 1.0
+    m = match_drift(lambda t: {k: 1 - t * (1 - v) for k, v in gates.items()}, drift, target, iters=10, grow=0)
+    return m.gates, m.knob
 
 
 if __name__ == "__main__":

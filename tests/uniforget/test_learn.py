@@ -410,3 +410,26 @@ def test_cli_tune_weights_writes_a_unet_prune_accepts(pipe_dir, tmp_path, capsys
     assert main(["validate", "--model", str(pipe_dir), "--masks", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "--tune-weights" in err[-1] and "--slim" in err[-1]
+
+
+def test_heldout_drift_rescales_gates_binary_and_to_a_drift_target():
+    """scripts/heldout_drift.py --scale (docs section 0n): binary keeps closed gates closed and opens the rest; lerp
+    finds the t whose 1 - t (1 - g) meets the target drift."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "heldout_drift.py"
+    spec = importlib.util.spec_from_file_location("heldout_drift", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    gates = {"a/ffn": torch.tensor([0.0, 0.3, 1.0]), "b/norm": torch.tensor([0.5, 0.0])}
+    binary, knob = mod.rescale_gates(gates, "binary", lambda g: 0.0, 0.2)
+    assert knob == 1.0 and binary["a/ffn"].tolist() == [0.0, 1.0, 1.0] and binary["b/norm"].tolist() == [1.0, 0.0]
+
+    def closed_mass(g: dict) -> float:  # a drift that grows as the gates close
+        return float(sum((1 - v).sum() for v in g.values()))
+
+    full = closed_mass(gates)
+    lerp, t = mod.rescale_gates(gates, "lerp", closed_mass, full / 2)
+    assert t == pytest.approx(0.5, abs=2e-3) and closed_mass(lerp) == pytest.approx(full / 2, rel=1e-2)
+    assert torch.allclose(lerp["a/ffn"], 1 - t * (1 - gates["a/ffn"]))
