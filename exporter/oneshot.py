@@ -348,15 +348,13 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
 def _learned_source(meta: dict, *, calibrated: bool, tuned_lr: float | None, wall_s: float) -> str:
     """One line saying how the one-shot's own masks were learned: the strength, the ladder behind it and whether
     its decision was a close call (--beta auto), the jointly tuned weights, and the time."""
-    parts = [f"beta {meta.get('beta')}"]
+    strength = f"beta {meta.get('beta')}"
     if calibrated:
-        parts[0] += f" chosen by --beta auto from {meta.get('calibration_rungs')} (s.e. {meta.get('calibration_rungs_se')})"
+        strength += f" chosen by --beta auto from {meta.get('calibration_rungs')} (s.e. {meta.get('calibration_rungs_se')})"
         if meta.get("calibration_close_call"):
-            parts[0] += f"; close call: {meta['calibration_close_call']}"
-    if tuned_lr is not None:
-        parts.append(f"weights tuned jointly at lr {tuned_lr:g}")
-    parts.append(f"{wall_s:.0f} s")
-    return f"learned here ({', '.join(parts)})"
+            strength += f"; close call: {meta['calibration_close_call']}"
+    tuned = [] if tuned_lr is None else [f"weights tuned jointly at lr {tuned_lr:g}"]
+    return f"learned here ({', '.join([strength, *tuned, f'{wall_s:.0f} s'])})"
 
 
 def _gated_unet(masks: Any, path: Path, dense: Any, fp: str) -> Any:
