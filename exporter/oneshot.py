@@ -307,7 +307,9 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
         run.base = _gated_unet(run.masks, src, run.dense, fp)
         run.masks_source = str(src) + ("" if run.base is run.dense else
                                        f" with its tuned UNet {tuned_unet_path_for(src)}")
-        summary = f"loaded {src} (beta {run.masks.meta.get('beta', '?')})"
+        summary = _loaded_summary(src, run.masks.meta)
+        if run.masks.meta.get("calibration_close_call"):
+            run.masks_source += f" (close call: {run.masks.meta['calibration_close_call']})"
         for name in ("random", "shuffled"):  # controls shipped beside the masks (uniforget learn --controls)
             c = src.with_name(src.name.removesuffix(".safetensors") + f".control-{name}.safetensors")
             if c.is_file():
@@ -343,6 +345,14 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
         summary = run.masks_source
     run.masks.save(run.tmp / "masks.safetensors")
     return summary, None
+
+
+def _loaded_summary(src: Path, meta: dict) -> str:
+    """The masks line for a MaskSet file: its strength, and the close call its `--beta auto` ladder recorded."""
+    line = f"loaded {src} (beta {meta.get('beta', '?')})"
+    if meta.get("calibration_close_call"):
+        line += f"; close call: {meta['calibration_close_call']}"
+    return line
 
 
 def _learned_source(meta: dict, *, calibrated: bool, tuned_lr: float | None, wall_s: float) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from exporter.commands import quiet_libraries
 from uniforget.calibrate import STATISTICS, CalibrationConfig, parse_ladder
 from uniforget.learn import LearnConfig, LearnRequest, LearnResult, StepStats, parse_beta, run_learn
 from uniforget.sampler import CHECKPOINTING, SamplerConfig
@@ -106,6 +107,7 @@ def _sampler(args: argparse.Namespace) -> SamplerConfig:
 
 def run(args: argparse.Namespace) -> int:
     req = _config(args)
+    quiet_libraries(getattr(args, "verbose", 0))
     if args.no_progress:
         result = run_learn(req)
     else:

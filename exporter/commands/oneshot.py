@@ -162,26 +162,6 @@ def options_from_args(args: argparse.Namespace):
         command=python_command(getattr(args, "argv", None)))
 
 
-def _quiet_libraries() -> None:
-    """The stage lines replace diffusers'/transformers' own loading bars (which would bury a one-line error)."""
-    try:
-        from diffusers.utils import logging as dlog
-
-        dlog.disable_progress_bar()
-        from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
-    import warnings
-
-    import torch
-
-    # the ONNX tracer's warnings are about code paths the parity gates already check on several shapes
-    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-    warnings.filterwarnings("ignore", message=r"Exporting aten::")
-
-
 def _measured(x: Any) -> bool:
     return x is not None and not (isinstance(x, float) and math.isnan(x))
 
@@ -230,12 +210,12 @@ def summary_table(res: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from exporter.commands import quiet_libraries
     from exporter.oneshot import preflight, run_export
 
     opts = options_from_args(args)
     preflight(opts)  # every refusal that needs nothing loaded, before torch or diffusers is even imported
-    if args.verbose < 2:
-        _quiet_libraries()
+    quiet_libraries(args.verbose)
     obs = RichObserver(quiet=args.quiet)
     try:
         res = run_export(opts, obs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from exporter.commands import quiet_libraries
 from uniforget.plan import parse_ratio
 from uniforget.slim_io import PruneRequest, prune_to_dir
 
@@ -41,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
                        model=args.model, unet_dir=args.unet, reference_shape=reference_shape(args),
                        atol=args.atol, overwrite=args.overwrite, plan_out=args.plan_out,
                        align=check_align(args.align))
+    quiet_libraries(getattr(args, "verbose", 0))
     res = prune_to_dir(req)
     print_plan_table(res.plan, f"slim UNet -> {res.out}")
     print(f"parity slim vs gated: max abs {res.parity.max_abs:.2e} at {res.parity.shape} "

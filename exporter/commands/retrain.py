@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from exporter.commands import quiet_libraries
 from uniforget.retrain import RetrainConfig, RetrainRequest, RetrainResult, RetrainStep, run_retrain
 
 
@@ -69,6 +70,7 @@ def _request(args: argparse.Namespace) -> RetrainRequest:
 
 def run(args: argparse.Namespace) -> int:
     req = _request(args)
+    quiet_libraries(getattr(args, "verbose", 0))
     result = run_retrain(req) if args.no_progress else _with_progress(req)
     s = result.summary
     loss = "-" if s.get("final_loss") is None else f"{s['first_loss']:.3g} -> {s['final_loss']:.3g}"

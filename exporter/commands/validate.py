@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from exporter.commands import quiet_libraries
 from uniforget.evaluate import EvalConfig, ValidateOptions, table_rows, validate
 
 
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
                      steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,
                      perturb_norms=args.perturb, optimized_norm=None if args.no_optimized else args.optimized_norm,
                      empty_seeds=args.empty_seeds, progress=not getattr(args, "quiet", False))
+    quiet_libraries(getattr(args, "verbose", 0))
     report = validate(ValidateOptions(model=args.model, masks=args.masks, slims=tuple(args.slim), spec=args.spec, prompts=args.prompts,
                                       judge=args.judge,
                                       config=cfg, json_path=args.json_path, allow_pickle=args.allow_pickle))

@@ -159,3 +159,17 @@ def test_cli_stderr_has_no_torchvision_fallback_note(tiny_model_dir, tiny_masks,
     assert out.is_file()
     assert "requires torchvision" not in proc.stderr
     assert "[transformers]" not in proc.stderr
+
+
+def test_stage_hides_library_loading_bars_unless_vv(tiny_model_dir, tiny_masks, tmp_path):
+    """diffusers' "Loading pipeline components" bar is the libraries' noise, not a stage's progress; -vv shows it."""
+
+    def prune(*flags: str, out: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "exporter.cli", *flags, "prune", "--model", str(tiny_model_dir),
+                               "--masks", str(tiny_masks), "--ratio", "0.05", "--out", str(tmp_path / out)],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    assert "Loading pipeline components" in prune("-vv", out="loud"), "diffusers no longer draws the bar: rewrite"
+    assert "Loading pipeline components" not in prune(out="quiet")

@@ -301,3 +301,12 @@ def test_learned_source_line_names_ladder_close_call_and_tuning():
     assert fixed == "learned here (beta 2.0, weights tuned jointly at lr 0.0001, 3 s)"
     clear = oneshot._learned_source({**meta, "calibration_close_call": ""}, calibrated=True, tuned_lr=None, wall_s=1)
     assert "close call" not in clear
+
+
+def test_loaded_summary_line_repeats_the_recorded_close_call():
+    """A MaskSet file learned with --beta auto carries its ladder's close call; the one-shot repeats it."""
+    close = {"beta": 5.0, "calibration_close_call": "the kept beta 5 drifts 0.19 +- 0.02"}
+    assert oneshot._loaded_summary(Path("m.safetensors"), close) == (
+        "loaded m.safetensors (beta 5.0); close call: the kept beta 5 drifts 0.19 +- 0.02")
+    assert oneshot._loaded_summary(Path("m.safetensors"), {"beta": 2.0, "calibration_close_call": ""}) == (
+        "loaded m.safetensors (beta 2.0)")
