@@ -17,6 +17,13 @@ budget against (docs/dememorization.md sections 0i and 0l).
 
     python scripts/heldout_drift.py --masks uniforget/toy/masks/auto.safetensors --sampler-refs --out runs/heldout/refs.json
 
+`--noise-offset S` draws the start noise from another seed, and `--drift-seeds K` samples each held-out prompt from K
+start noises (pooled per prompt, as `uniforget learn --drift-seeds K` does): how much of a rung's drift is the one
+start noise it was drawn with (section 0o).
+
+    for s in 7 107 207 307; do python scripts/heldout_drift.py --masks uniforget/toy/masks/auto.safetensors \
+        --noise-offset $s --drift-seeds 4 --out runs/noise/auto.$s.k4.json; done
+
 `--scale binary|lerp` measures (and with `--masks-out` writes) a rescaled copy of the MaskSet instead: `binary` keeps
 the closed gates closed and opens every other gate fully (what a plain pruning of the closed units would leave);
 `lerp` scales every gate toward open, g -> 1 - t (1 - g), with t bisected so that the held-out drift meets
@@ -74,12 +81,18 @@ def main() -> None:
                          "lerp = 1 - t (1 - g) with t bisected to --lerp-target")
     ap.add_argument("--lerp-target", type=float, default=CalibrationConfig().budget,
                     help="--scale lerp: the held-out pooled relative drift to meet (default: the budget)")
+    ap.add_argument("--drift-seeds", type=int, default=1, metavar="K",
+                    help="start noises per held-out prompt, pooled per prompt (--drift-seeds of uniforget learn)")
+    ap.add_argument("--noise-offset", type=int, default=None,
+                    help="start-noise seed offset (default: the one --beta auto uses with --masks, 1 when learning)")
     ap.add_argument("--out", type=Path, required=True, help="JSON to write")
     args = ap.parse_args()
     if args.scale != "none" and args.tune_weights:
         ap.error("--scale rescales frozen-weight gates; drop --tune-weights")
     if (args.beta is None) == (args.masks is None):
         ap.error("give exactly one of --beta (learn) and --masks (measure)")
+    if args.drift_seeds < 1:
+        ap.error(f"--drift-seeds must be >= 1 (got {args.drift_seeds})")
     if args.masks is not None and not args.masks.is_file():
         ap.error(f"masks file not found: {args.masks}")
 
@@ -98,8 +111,10 @@ def main() -> None:
         res = learn_masks(pipe.unet, pipe.scheduler, encode_prompts(pipe, learn_p), cfg,
                           prompts_sha=prompts_sha256(learn_p))
         offset = 1
+    if args.noise_offset is not None:
+        offset = args.noise_offset
     meter = DriftMeter(pipe.unet, pipe.scheduler, encode_prompts(pipe, held_p), cfg.sampler,
-                       seed=cfg.seed + offset)
+                       seed=cfg.seed + offset, seeds_per_prompt=args.drift_seeds)
     gates = res.maskset.gate_values()
     drift = meter(gates, res.unet)  # a tuned copy is gated, not the original
     scaled: dict = {}
@@ -112,6 +127,7 @@ def main() -> None:
     row = {"beta": args.beta if args.masks is None else res.maskset.meta.get("beta"),
            "masks": None if args.masks is None else str(args.masks), "tune_weights": args.tune_weights,
            "steps": args.steps, "learn_prompts": len(learn_p), "heldout_prompts": len(held_p),
+           "noise_offset": offset, "drift_seeds": args.drift_seeds,
            "heldout_drift_rel": drift["rel"], "heldout_drift_rel_se": drift["rel_se"],
            "heldout_drift_mse": drift["mse"], "heldout_drift_rel_median": drift["rel_median"],
            "heldout_drift_rel_median_se": drift["rel_median_se"], "closed": closed,

@@ -10,8 +10,9 @@ another (docs/dememorization.md). The rule, measurable on any model without outs
    gates stay closed, so drift mostly grows along the ladder and the search can stop early; the pooled drift
    can dip when a prompt whose image flipped at one rung flips back at the next, docs section 0m).
 3. After each rung, measure the relative latent drift of the gated model on the held-out neutral prompts:
-   RMS(F_gated - F_orig) / RMS(F_orig) of the final latents of the N-step sampler, fixed start noise, pooled
-   over the prompts (`statistic="pooled"`, the default). Its bootstrap standard error over those prompts is
+   RMS(F_gated - F_orig) / RMS(F_orig) of the final latents of the N-step sampler, fixed start noise
+   (`drift_seeds` of them per prompt, pooled per prompt), pooled over the prompts (`statistic="pooled"`, the
+   default). Its bootstrap standard error over those prompts is
    logged and recorded beside it (the decision does not use it; step 5's warning does), and so is the median
    over prompts of each prompt's own relative drift, which the rule budgets instead with `statistic="median"`
    (robust to the few prompts whose trajectory flips to another object; docs/dememorization.md section 0l).
@@ -64,6 +65,7 @@ class CalibrationConfig:
     rung_steps: int | None = None  # steps of each later rung; None = half the learning steps
     split_seed: int = 0
     statistic: str = "pooled"  # STATISTICS: pooled relative drift, or the median prompt's relative drift
+    drift_seeds: int = 1  # start noises per held-out prompt, pooled per prompt (learn.DriftMeter)
 
     def __post_init__(self) -> None:
         problems = []
@@ -77,6 +79,8 @@ class CalibrationConfig:
             problems.append(f"holdout must be in (0, 1) (got {self.holdout})")
         if self.statistic not in STATISTICS:
             problems.append(f"budget statistic must be one of {', '.join(STATISTICS)} (got {self.statistic!r})")
+        if self.drift_seeds < 1:
+            problems.append(f"drift seeds must be >= 1 (got {self.drift_seeds})")
         if self.rung_steps is not None and self.rung_steps < 1:
             problems.append(f"rung steps must be >= 1 (got {self.rung_steps})")
         if problems:
@@ -161,7 +165,7 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
     runs after every step."""
     rung_steps = cal.rung_steps or max(1, cfg.steps // 2)
     meter = DriftMeter(unet, scheduler, cond_holdout, cfg.sampler, seed=cfg.seed + 7, height=cfg.height,
-                       width=cfg.width)
+                       width=cfg.width, seeds_per_prompt=cal.drift_seeds)
     rungs: list[Rung] = []
     masks: list[MaskSet] = []
     init = start = start_fp = None  # the rung below's gates and (joint mode) tuned weights, where the next starts
@@ -208,6 +212,7 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
             "calibration_rungs_median_se": ";".join(f"{r.beta:g}:{r.drift_median_se:.3g}" for r in rungs),
             "calibration_close_call": close,
             "calibration_statistic": cal.statistic,
+            "calibration_drift_seeds": str(cal.drift_seeds),
             "steps": str(sum(r.steps for r in rungs[:chosen + 1])),
             "neutral_drift_rel_holdout": f"{rungs[chosen].drift_rel:.6g}",
             "neutral_drift_median_holdout": f"{rungs[chosen].drift_median:.6g}"}

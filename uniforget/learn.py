@@ -423,20 +423,29 @@ class DriftMeter:
     standard error `rel_se`, and `rel_median`, the median over prompts of each prompt's own relative drift
     (robust to the few prompts whose trajectory flips to another object), with its own bootstrap standard error
     `rel_median_se`. Gates None or empty = drift 0.
+    `seeds_per_prompt` K > 1 samples every prompt from K start noises and pools them per prompt before the
+    statistics (the bootstrap still resamples prompts): one start noise per prompt moves a rung's drift by about
+    two of its standard errors (docs/dememorization.md, 0n), which K averages down at K times the sampling.
+    K = 1 draws exactly the start noise it always did; K > 1 keeps that draw as the first of the K.
     Matching controls to a drift evaluates many gate sets, so the reference latents are cached.
     """
 
     @torch.no_grad()
     def __init__(self, unet: Any, scheduler: Any, cond: Conditioning, sampler_cfg: SamplerConfig | None = None, *,
-                 seed: int = 1234, batch: int = 8, height: int | None = None, width: int | None = None):
+                 seed: int = 1234, batch: int = 8, height: int | None = None, width: int | None = None,
+                 seeds_per_prompt: int = 1):
+        if seeds_per_prompt < 1:
+            raise ValueError(f"seeds_per_prompt must be >= 1 (got {seeds_per_prompt})")
         self.unet, self.scheduler, self.cfg = unet, scheduler, sampler_cfg or SamplerConfig()
+        self.n_prompts = len(cond)
         device = next(unet.parameters()).device
         gen = torch.Generator().manual_seed(seed)
-        z_all = torch.randn(latent_shape(unet, len(cond), height, width), generator=gen)
+        n_items = len(cond) * seeds_per_prompt  # item j: prompt j % n_prompts, start noise j (row-major draw)
+        z_all = torch.randn(latent_shape(unet, n_items, height, width), generator=gen)
         self.batches = []
-        for lo in range(0, len(cond), batch):
-            idx = list(range(lo, min(lo + batch, len(cond))))
-            c, z0 = cond.select(idx).to(device), z_all[idx].to(device)
+        for lo in range(0, n_items, batch):
+            idx = list(range(lo, min(lo + batch, n_items)))
+            c, z0 = cond.select([j % len(cond) for j in idx]).to(device), z_all[idx].to(device)
             self.batches.append((c, z0, sample(unet, scheduler, z0, c, self.cfg)))
 
     @torch.no_grad()
@@ -454,16 +463,20 @@ class DriftMeter:
         the cached prompts and z0: the gated original here, a retrained slim UNet in retrain.NeutralDrift.
         `sampler_cfg` samples `unet` another way than the cached reference (the original's own drift under a
         sampler change: the scale a budget can be read against)."""
-        sq, ref_sq, n = [], [], 0  # per prompt: squared difference and squared reference, summed over the latent
+        items, ref_items, n = [], [], 0  # per (prompt, start noise): squared difference and reference, summed
         for c, z0, ref in self.batches:
             dims = tuple(range(1, ref.dim()))
             if unet is not None:
                 out = sample(unet, self.scheduler, z0, c, sampler_cfg or self.cfg)
-                sq += (out.float() - ref.float()).pow(2).sum(dims).tolist()
+                items += (out.float() - ref.float()).pow(2).sum(dims).tolist()
             else:
-                sq += [0.0] * ref.shape[0]
-            ref_sq += ref.float().pow(2).sum(dims).tolist()
+                items += [0.0] * ref.shape[0]
+            ref_items += ref.float().pow(2).sum(dims).tolist()
             n += ref.numel()
+        sq, ref_sq = [0.0] * self.n_prompts, [0.0] * self.n_prompts  # pooled per prompt over its start noises
+        for j, (a, b) in enumerate(zip(items, ref_items, strict=True)):
+            sq[j % self.n_prompts] += a
+            ref_sq[j % self.n_prompts] += b
         se = _bootstrap_rel_se(sq, ref_sq)
         return {"mse": sum(sq) / n, "rel": math.sqrt(sum(sq) / max(sum(ref_sq), 1e-30)),
                 "rel_se": se["pooled"], "rel_median": median_rel(sq, ref_sq), "rel_median_se": se["median"]}

@@ -33,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "prompts stays within --budget), weak (1), medium (2), strong (5) or a number")
     p.add_argument("--budget", type=float, default=dc.budget,
                    help=f"--beta auto: max relative latent drift on held-out neutral prompts (default {dc.budget:g})")
+    p.add_argument("--drift-seeds", type=int, default=dc.drift_seeds, metavar="K",
+                   help="--beta auto: start noises per held-out prompt, pooled per prompt, for the budget's drift "
+                        f"(default {dc.drift_seeds})")
     p.add_argument("--budget-statistic", choices=STATISTICS, default=dc.statistic,
                    help="--beta auto: which drift --budget bounds: pooled over the held-out prompts (default) or the "
                         "median prompt's (robust to a few prompts whose image flips)")
@@ -84,7 +87,8 @@ def _config(args: argparse.Namespace) -> LearnRequest:
     cal = None
     if str(args.beta).lower() == "auto":
         cal = CalibrationConfig(ladder=parse_ladder(args.ladder), budget=args.budget, holdout=args.holdout,
-                                rung_steps=args.rung_steps, statistic=args.budget_statistic)
+                                rung_steps=args.rung_steps, statistic=args.budget_statistic,
+                                drift_seeds=args.drift_seeds)
     beta = cal.ladder[0] if cal is not None else parse_beta(args.beta)
     cfg = LearnConfig(beta=beta, recon=args.recon, steps=args.steps, lr=args.lr, lr_min=args.lr_min,
                       optimizer=args.optimizer, weight_decay=args.weight_decay, batch=args.batch, kinds=kinds,

@@ -43,7 +43,8 @@ def test_split_is_deterministic_disjoint_and_complete():
 
 @pytest.mark.parametrize("kw, msg", [({"ladder": (2.0, 1.0)}, "increase"), ({"ladder": ()}, "ladder"),
                                      ({"budget": 0.0}, "budget"), ({"holdout": 1.0}, "holdout"),
-                                     ({"rung_steps": 0}, "rung steps"), ({"statistic": "mean"}, "statistic")])
+                                     ({"rung_steps": 0}, "rung steps"), ({"statistic": "mean"}, "statistic"),
+                                     ({"drift_seeds": 0}, "drift seeds")])
 def test_bad_calibration_options(kw, msg):
     with pytest.raises(CalibrationError, match=msg):
         CalibrationConfig(**kw)

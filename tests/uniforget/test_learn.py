@@ -19,6 +19,7 @@ from uniforget.controls import (  # noqa: E402
 )
 from uniforget.errors import MaskSetError, UniforgetError  # noqa: E402
 from uniforget.fingerprint import model_fingerprint  # noqa: E402
+from uniforget.gating import attach_gates  # noqa: E402
 from uniforget.geometries import TINY, build_unet, tiny_pipeline  # noqa: E402
 from uniforget.learn import (  # noqa: E402
     LearnConfig,
@@ -30,7 +31,7 @@ from uniforget.learn import (  # noqa: E402
 )
 from uniforget.masks import MaskSet  # noqa: E402
 from uniforget.prompts import DEFAULT_PROMPTS, read_prompt_file  # noqa: E402
-from uniforget.sampler import SamplerConfig, encode_prompts  # noqa: E402
+from uniforget.sampler import SamplerConfig, encode_prompts, sample  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "green triangle on white", "small yellow star", "two grey dots",
            "a big orange ring"]
@@ -185,6 +186,37 @@ def test_drift_of_the_original_under_a_sampler_change(pipe, cond):
     finer = meter.of(pipe.unet, replace(cfg, steps=4))
     assert finer["rel"] > 0 and finer["rel_median"] > 0
     assert meter.of(pipe.unet)["rel"] == 0.0  # the cached reference's own sampler by default
+
+
+def test_drift_over_several_start_noises_per_prompt(pipe, cond):
+    """seeds_per_prompt K: K = 1 is the single-noise meter exactly; K = 4 keeps that draw as its first, pools each
+    prompt's K noises (so the statistics still count prompts) and equals the per-prompt sums done by hand."""
+    from uniforget.learn import DriftMeter, bootstrap_rel_se
+
+    cfg = SamplerConfig(steps=2, guidance_scale=3.0)
+    ms = _learn(pipe, cond, replace(FAST, beta=0.0, steps=1)).maskset
+    closed = {k: torch.zeros_like(v) for k, v in ms.gate_values().items() if k.endswith("/ffn")}
+    one = DriftMeter(pipe.unet, pipe.scheduler, cond, cfg, seed=5)
+    assert one(closed) == DriftMeter(pipe.unet, pipe.scheduler, cond, cfg, seed=5, seeds_per_prompt=1)(closed)
+    four = DriftMeter(pipe.unet, pipe.scheduler, cond, cfg, seed=5, seeds_per_prompt=4, batch=3)
+    n = len(PROMPTS)
+    assert len(four.batches[0][1]) == 3 and sum(len(b[1]) for b in four.batches) == 4 * n
+    assert torch.equal(torch.cat([b[1] for b in one.batches]), torch.cat([b[1] for b in four.batches])[:n])
+    sq, ref_sq = [0.0] * n, [0.0] * n
+    with attach_gates(pipe.unet, closed):
+        j = 0
+        for c, z0, ref in four.batches:
+            out = sample(pipe.unet, pipe.scheduler, z0, c, cfg)
+            for row in range(len(z0)):
+                sq[j % n] += float((out[row] - ref[row]).pow(2).sum())
+                ref_sq[j % n] += float(ref[row].pow(2).sum())
+                j += 1
+    d = four(closed)
+    assert d["rel"] == pytest.approx((sum(sq) / sum(ref_sq)) ** 0.5, rel=1e-5)
+    assert d["rel_se"] == pytest.approx(bootstrap_rel_se(sq, ref_sq), rel=1e-4)
+    assert d["rel"] != one(closed)["rel"]
+    with pytest.raises(ValueError, match="seeds_per_prompt"):
+        DriftMeter(pipe.unet, pipe.scheduler, cond, cfg, seeds_per_prompt=0)
 
 
 def test_median_prompt_drift_ignores_a_flipped_prompt():
