@@ -546,6 +546,21 @@ def _runtime_pair(rt: str, models: dict[str, Any], inputs: dict[str, dict], opts
     return sorted(out, key=lambda t: order.get(t.model, 9))
 
 
+def in_fresh_memory(unet: Any) -> Any:
+    """A copy of `unet` whose weights sit in fresh CPU allocations; the caller's module is untouched.
+
+    Why: the models arrive from different memory: a pipeline's UNet usually memory-mapped from safetensors (none
+    of the toy's tensors 64-byte aligned), a slim UNet in allocations made while loading it. Timed as they arrived,
+    the toy's slim UNet read x1.019 and x1.041 of its dense one in two processes (8 blocks of 30 rounds each, every
+    block 'slower' in the second); as fresh copies of both, x0.995 and x0.997, no block slower
+    (`scripts/bench_placement.py`, README "Speed"). The offset belonged to where the weights sat, not to the models,
+    so both are timed from the same kind of memory, at the cost of a copy of each while the bench runs (a CUDA run
+    copies them to the device anyway and skips this)."""
+    import copy
+
+    return copy.deepcopy(unet)
+
+
 def bench_pair(dense: Any, slim: Any, opts: BenchOptions, label: str = "unet",
                onnx: dict[str, Path] | None = None, trt: dict[str, Path] | None = None,
                progress: Callable[[str], None] | None = None) -> BenchResult:
@@ -562,6 +577,8 @@ def bench_pair(dense: Any, slim: Any, opts: BenchOptions, label: str = "unet",
         raise ExportError("device cuda requested but torch sees no CUDA device")
     onnx, trt = onnx or {}, trt or {}
     models = {"dense": load_unet(dense).eval(), "slim": load_unet(slim).eval()}
+    if opts.device == "cpu":
+        models = {n: in_fresh_memory(m) for n, m in models.items()}
     h = opts.height or int(models["dense"].config.sample_size)
     opts = replace(opts, height=h, width=opts.width or h)
     shape = {"batch": opts.batch, "height": h, "width": opts.width, "seq_len": opts.seq_len}

@@ -168,6 +168,35 @@ def test_bench_consumes_a_slim_unet_folder(tmp_path):
     assert res.params["slim"] == plan.params_after and res.ratio("eager") is not None
 
 
+def test_cpu_bench_times_both_models_from_fresh_memory(monkeypatch):
+    """Both UNets are timed as fresh copies (README "Speed": as loaded, a memory-mapped dense UNet and a cloned slim
+    one read a 2-4% offset that belonged to their memory); the caller's modules are neither timed nor changed."""
+    import torch
+
+    import exporter.bench as bench
+
+    dense = build_unet(TINY["sd1"], seed=0)
+    slim, _ = random_slim(dense, 0.2, seed=2)
+    before = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    timed = {}
+    real = bench._prep_eager
+
+    def spy(unet, inputs, opts, tmp, name):
+        timed[name] = unet
+        return real(unet, inputs, opts, tmp, name)
+
+    monkeypatch.setattr(bench, "_prep_eager", spy)
+    bench_pair(dense, slim, BenchOptions(runtimes=("eager",), batch=1, seq_len=8, max_runs=20))
+    for name, caller in (("dense", dense), ("slim", slim)):
+        copy = timed[name]
+        assert copy is not caller
+        ours = {p.untyped_storage().data_ptr() for p in caller.parameters()}
+        assert not ours & {p.untyped_storage().data_ptr() for p in copy.parameters()}
+        assert all(torch.equal(a, b) for a, b in zip(caller.state_dict().values(), copy.state_dict().values(),
+                                                      strict=True))
+    assert all(torch.equal(p, before[n]) for n, p in dense.named_parameters())
+
+
 def test_bench_and_report_do_not_import_each_other():
     import subprocess
     import sys
