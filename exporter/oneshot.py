@@ -308,8 +308,7 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
         run.masks_source = str(src) + ("" if run.base is run.dense else
                                        f" with its tuned UNet {tuned_unet_path_for(src)}")
         summary = _loaded_summary(src, run.masks.meta)
-        if run.masks.meta.get("calibration_close_call"):
-            run.masks_source += f" (close call: {run.masks.meta['calibration_close_call']})"
+        run.masks_source += _close_call_clause(run.masks.meta)
         for name in ("random", "shuffled"):  # controls shipped beside the masks (uniforget learn --controls)
             c = src.with_name(src.name.removesuffix(".safetensors") + f".control-{name}.safetensors")
             if c.is_file():
@@ -347,12 +346,14 @@ def stage_masks(run: _Run) -> tuple[str, dict | None]:
     return summary, None
 
 
+def _close_call_clause(meta: dict) -> str:
+    """"; close call: ..." when the MaskSet's `--beta auto` ladder recorded one (calibrate.close_call), else ""."""
+    return f"; close call: {meta['calibration_close_call']}" if meta.get("calibration_close_call") else ""
+
+
 def _loaded_summary(src: Path, meta: dict) -> str:
     """The masks line for a MaskSet file: its strength, and the close call its `--beta auto` ladder recorded."""
-    line = f"loaded {src} (beta {meta.get('beta', '?')})"
-    if meta.get("calibration_close_call"):
-        line += f"; close call: {meta['calibration_close_call']}"
-    return line
+    return f"loaded {src} (beta {meta.get('beta', '?')}){_close_call_clause(meta)}"
 
 
 def _learned_source(meta: dict, *, calibrated: bool, tuned_lr: float | None, wall_s: float) -> str:
@@ -360,9 +361,8 @@ def _learned_source(meta: dict, *, calibrated: bool, tuned_lr: float | None, wal
     its decision was a close call (--beta auto), the jointly tuned weights, and the time."""
     strength = f"beta {meta.get('beta')}"
     if calibrated:
-        strength += f" chosen by --beta auto from {meta.get('calibration_rungs')} (s.e. {meta.get('calibration_rungs_se')})"
-        if meta.get("calibration_close_call"):
-            strength += f"; close call: {meta['calibration_close_call']}"
+        strength += (f" chosen by --beta auto from {meta.get('calibration_rungs')}"
+                     f" (s.e. {meta.get('calibration_rungs_se')}){_close_call_clause(meta)}")
     tuned = [] if tuned_lr is None else [f"weights tuned jointly at lr {tuned_lr:g}"]
     return f"learned here ({', '.join([strength, *tuned, f'{wall_s:.0f} s'])})"
 

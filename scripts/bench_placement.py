@@ -14,7 +14,6 @@ placement, not to the models (README, Speed: "Not everywhere on the toys").
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 from dataclasses import replace
@@ -32,7 +31,14 @@ def main() -> None:
     if args.blocks < 2:
         ap.error("--blocks must be >= 2 (a spread needs two blocks)")
 
-    from exporter.bench import BenchOptions, _prep_eager, interleaved, ratio_estimate, torch_inputs
+    from exporter.bench import (
+        BenchOptions,
+        _prep_eager,
+        in_fresh_memory,
+        interleaved,
+        ratio_estimate,
+        torch_inputs,
+    )
     from exporter.onnx_export import load_unet
     from uniforget.models import load_pipeline
 
@@ -46,7 +52,7 @@ def main() -> None:
     for mode in ("same", "copied"):
         rows = []
         for b in range(args.blocks):
-            d, s = (copy.deepcopy(dense), copy.deepcopy(slim)) if mode == "copied" else (dense, slim)
+            d, s = (in_fresh_memory(dense), in_fresh_memory(slim)) if mode == "copied" else (dense, slim)
             calls = {"dense": _prep_eager(d, torch_inputs(d, opts), opts, None, "dense")[0],
                      "slim": _prep_eager(s, torch_inputs(s, opts), opts, None, "slim")[0]}
             ms = interleaved(calls, opts)
