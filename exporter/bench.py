@@ -317,14 +317,19 @@ class _Skip(Exception):
 # before timing either is what lets the calls interleave.
 
 
-def _prep_eager(unet: Any, inputs: dict[str, Any], opts: BenchOptions, tmp: Path, name: str) -> tuple:
+def eager_call(unet: Any, inputs: dict[str, Any]) -> Callable[[], Any]:
+    """The zero-argument eager forward every eager timing here calls (no grad, tuple output)."""
     import torch
 
     def call() -> Any:
         with torch.inference_mode():
             return unet(**inputs, return_dict=False)
 
-    return call, None, None
+    return call
+
+
+def _prep_eager(unet: Any, inputs: dict[str, Any], opts: BenchOptions, tmp: Path, name: str) -> tuple:
+    return eager_call(unet, inputs), None, None
 
 
 def _prep_cuda_graph(unet: Any, inputs: dict[str, Any], opts: BenchOptions, tmp: Path, name: str) -> tuple:

@@ -33,7 +33,7 @@ def main() -> None:
 
     from exporter.bench import (
         BenchOptions,
-        _prep_eager,
+        eager_call,
         in_fresh_memory,
         interleaved,
         ratio_estimate,
@@ -53,8 +53,7 @@ def main() -> None:
         rows = []
         for b in range(args.blocks):
             d, s = (in_fresh_memory(dense), in_fresh_memory(slim)) if mode == "copied" else (dense, slim)
-            calls = {"dense": _prep_eager(d, torch_inputs(d, opts), opts, None, "dense")[0],
-                     "slim": _prep_eager(s, torch_inputs(s, opts), opts, None, "slim")[0]}
+            calls = {"dense": eager_call(d, torch_inputs(d, opts)), "slim": eager_call(s, torch_inputs(s, opts))}
             ms = interleaved(calls, opts)
             e = ratio_estimate(ms["dense"], ms["slim"], seed=b)
             rows.append({"block": b, "ratio": e.ratio, "low": e.low, "high": e.high, "verdict": e.verdict,

@@ -121,8 +121,14 @@ def main() -> None:
     if args.scale != "none":
         scaled = {"scale": args.scale, "unscaled_drift_rel": drift["rel"], "unscaled_drift_rel_se": drift["rel_se"],
                   "unscaled_closed": kind_summary(gates)[0]}
-        gates, scaled["knob"] = rescale_gates(gates, args.scale, lambda g: meter(g)["rel"], args.lerp_target)
-        drift = meter(gates)
+        measured: dict[int, dict] = {}  # id(gates) -> the full reading, so the kept probe is not re-measured
+
+        def rel(g: dict) -> float:
+            measured[id(g)] = meter(g)
+            return measured[id(g)]["rel"]
+
+        gates, scaled["knob"] = rescale_gates(gates, args.scale, rel, args.lerp_target)
+        drift = measured.get(id(gates)) or meter(gates)  # binary probes nothing
     closed = kind_summary(gates)[0]
     row = {"beta": args.beta if args.masks is None else res.maskset.meta.get("beta"),
            "masks": None if args.masks is None else str(args.masks), "tune_weights": args.tune_weights,
