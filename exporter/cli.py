@@ -37,7 +37,20 @@ def _setup_logging(verbose: int) -> None:
     for noisy in ("diffusers", "onnx", "onnxruntime", "polygraphy", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if verbose <= 1:
-        _quiet_transformers()
+        quiet_library_warnings()
+    else:
+        _drop_empty_fp32_notes()
+
+
+def quiet_library_warnings() -> None:
+    """Silence the libraries' notes that are not the user's business (transformers' optional-backend
+    warnings, diffusers' empty keep-in-fp32 list); errors stay visible. The CLI calls it unless -vv; the
+    scripts in scripts/ call it too, so a study's log is its own."""
+    _quiet_transformers()
+    _drop_empty_fp32_notes()
+
+
+def _drop_empty_fp32_notes() -> None:
     fp32_log = logging.getLogger("diffusers.models.modeling_utils")
     if not any(isinstance(f, _EmptyFp32ListFilter) for f in fp32_log.filters):
         fp32_log.addFilter(_EmptyFp32ListFilter())

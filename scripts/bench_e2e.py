@@ -136,6 +136,9 @@ def summarize(ms: list[float]) -> dict[str, float]:
 
 
 def main() -> int:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="toy", help="toy, sd15 (random SD1.5 geometry) or a diffusers folder")
     ap.add_argument("--size", type=int, default=8, help="latent size for --model sd15 (8: 64 px images)")

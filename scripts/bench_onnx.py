@@ -69,6 +69,9 @@ def time_runner(r: Runner, feed: dict, warmup: int, iters: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="pipeline folder or 'toy': benchmark its UNet")

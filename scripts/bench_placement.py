@@ -21,6 +21,9 @@ from pathlib import Path
 
 
 def main() -> None:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="toy", help="the dense model: 'toy' or a diffusers pipeline folder")
     ap.add_argument("--slim", required=True, help="an uniforget-export folder or a slim UNet folder")

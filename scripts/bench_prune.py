@@ -123,6 +123,9 @@ def time_cuda_graph(models: dict[str, torch.nn.Module], inputs: dict, iters: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--geometry", default="tiny", choices=("tiny", "tiny-sd2", "tiny-sdxl", "mid", "sd15", "toy"))
     p.add_argument("--ratios", default="0.05,0.15,0.3", help="comma-separated ratios ('auto' needs --masks)")

@@ -47,6 +47,9 @@ from types import SimpleNamespace
 
 
 def main() -> None:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     from uniforget.calibrate import CalibrationConfig, split_prompts
     from uniforget.controls import gates_to_logits
     from uniforget.evaluate import model_guidance

@@ -38,6 +38,9 @@ import torch
 
 
 def main() -> None:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     from diffusers import UNet2DConditionModel
 
     from uniforget.calibrate import CalibrationConfig, split_prompts

@@ -60,6 +60,9 @@ def random_pipeline(config: str, dtype: torch.dtype, seed: int = 0) -> SimpleNam
 
 
 def main() -> None:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config", choices=sorted(FILE_NAMES))
     ap.add_argument("--dtype", choices=("float32", "float16"), default="float32",

@@ -110,6 +110,9 @@ def print_table(r: dict, console: Console) -> None:
 
 
 def main() -> None:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy")
     ap.add_argument("--spec", default=None, help="dataset spec the model was trained on (default: the shipped one)")

@@ -31,6 +31,9 @@ from uniforget.models import load_pipeline, resolve_model_path
 
 
 def main() -> None:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="toy")
     ap.add_argument("--out", type=Path, default=Path("runs/ablation.json"))

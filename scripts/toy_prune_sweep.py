@@ -49,6 +49,9 @@ def _latency(dense, slim, inputs, runs: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--betas", default="weak,medium,strong")
     ap.add_argument("--ratios", default="0.05,auto")

@@ -110,6 +110,9 @@ def _slim_variants(pipe, data, ecfg, original, defaults, ms: MaskSet, args, beta
 
 
 def main() -> None:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="toy")
     ap.add_argument("--out", type=Path, default=Path("runs/study"))

@@ -167,6 +167,9 @@ def train_denoiser(unet, text_encoder, latents: torch.Tensor, ids: torch.Tensor,
 
 
 def main() -> None:
+    from exporter.cli import quiet_library_warnings
+
+    quiet_library_warnings()  # the libraries' optional-backend notes are not this script's output
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", default=str(Path(__file__).resolve().parents[1] / "uniforget/toy/spec.json"))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "uniforget/toy"))
