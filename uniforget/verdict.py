@@ -72,6 +72,11 @@ STRONGER_NEXT = ("learn stronger masks (a larger --beta, or a larger --budget wi
 QUALITY_SPENT_NEXT = ("neutral quality already fell at this strength with nothing removed, so stronger masks "
                       "would spend more of it: lower --budget (or --beta) and compare, and check the original's "
                       "memorization signature")
+# copies fell but neutral quality paid: win it back by retraining, or spend less of it; once a retrain has run,
+# "add a retrain" is no advice (out of sample, 600 retrain steps left a 5-point judge loss: section 0q)
+COST_NEXT = "a brief neutral retrain (--retrain-steps 600) or a weaker strength (a smaller --beta or --budget)"
+COST_AFTER_RETRAIN_NEXT = ("a longer neutral retrain (more --retrain-steps) or a weaker strength (a smaller --beta "
+                           "or --budget)")
 GLOBAL_MODE_NEXT = ("no mask can remove it: the original copies from the empty prompt too (global-mode "
                     "memorization), so no units serve the copies alone; deduplicate the training data and fine-tune "
                     "or retrain the model")
@@ -87,12 +92,14 @@ def _default_next(original: Any, judge: bool | None, reduction: float) -> str:
 
 
 def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None, what: str = "the slim model",
-           next_step: str | None = None) -> Verdict:
+           next_step: str | None = None, retrained: bool = False) -> Verdict:
     """The verdict for `after` (an Evaluation) against `original`, with control Evaluations at matched drift.
 
     `next_step` (what a "not reduced" verdict suggests) defaults by the original's memorization signature and by
     what the strength cost (`_default_next`): on a global-mode model, or where the judge fell with nothing
-    removed, stronger masks only spend neutral quality, so the advice points away from them.
+    removed, stronger masks only spend neutral quality, so the advice points away from them. `retrained` says
+    that `after` already went through the neutral retrain, so a verdict of copies removed at a neutral cost
+    advises a longer one rather than a first.
     """
     controls = dict(controls or {})
     if not _ok(original.memorized.copy_rate):
@@ -126,9 +133,9 @@ def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None,
         return Verdict("not beyond controls", f"Copies fell in {what}, but not beyond what equal damage does: "
                        f"{nums}{ctrl_txt}. Next: {next_step}.", red, nn_red, ctrl, judge)
     if judge is False:
+        cost_next = COST_AFTER_RETRAIN_NEXT if retrained else COST_NEXT
         return Verdict("not reduced", f"Copies fell in {what} at the cost of neutral quality: {nums}{ctrl_txt}. "
-                       "Next: a brief neutral retrain (--retrain-steps) or a smaller --budget.", red, nn_red, ctrl,
-                       judge)
+                       f"Next: {cost_next}.", red, nn_red, ctrl, judge)
     caveat = "" if ctrl else " (no controls were run, so the drop is not checked against equal damage)"
     return Verdict("reduced", f"Memorization reduced in {what} by {red:.0%}: {nums}{ctrl_txt}{caveat}.",
                    red, nn_red, ctrl, judge)

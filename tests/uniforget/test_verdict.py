@@ -43,6 +43,11 @@ def test_reduced_only_when_controls_reach_less_than_half():
 def test_quality_loss_and_no_memorization_are_said():
     hurt = decide(ev(1.0, judge=0.95), ev(0.0, judge=0.80), {"random": ev(1.0)})
     assert hurt.status == "not reduced" and "neutral quality" in hurt.sentence and hurt.judge_within_2se is False
+    assert "a brief neutral retrain" in hurt.sentence
+    # a retrain already ran (second testbed, beta 10 + 600 steps: copies -54%, judge 96.5% -> 91.7%): not "add one"
+    after = decide(ev(1.0, judge=0.965), ev(0.45, judge=0.917), {"random": ev(0.88)}, retrained=True)
+    assert after.status == "not reduced" and "a longer neutral retrain" in after.sentence
+    assert "a brief neutral retrain" not in after.sentence
     assert decide(ev(0.05), ev(0.0)).status == "nothing to reduce"
     nan = float("nan")
     unmeasured = decide(ev(nan, nan, judge=None), ev(nan, nan, judge=None, wen=0.55))
