@@ -588,8 +588,7 @@ def stage_validate(run: _Run) -> tuple[str, dict | None]:
         controls = {name: evaluate(run.pipe, data, light, gates=ms, reference=original, label=f"control {name}",
                                    defaults=defaults) for name, ms in run.controls.items()} if size.controls else {}
         final = retrained or slim
-        verdict = decide(original, final, controls, what="the retrained slim model" if retrained else
-                         "the slim model", retrained=retrained is not None)
+        verdict = decide(original, final, controls, retrained=retrained is not None)
         run.verdict = verdict
         idx = _subset(len(data.neutral_prompts), cfg.neutral_prompts)
         run.evaluation = {"config": asdict(cfg), "original": original, "slim": slim, "retrained": retrained,

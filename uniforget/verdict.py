@@ -91,7 +91,7 @@ def _default_next(original: Any, judge: bool | None, reduction: float) -> str:
     return STRONGER_NEXT
 
 
-def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None, what: str = "the slim model",
+def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None, what: str | None = None,
            next_step: str | None = None, retrained: bool = False) -> Verdict:
     """The verdict for `after` (an Evaluation) against `original`, with control Evaluations at matched drift.
 
@@ -99,8 +99,10 @@ def decide(original: Any, after: Any, controls: Mapping[str, Any] | None = None,
     what the strength cost (`_default_next`): on a global-mode model, or where the judge fell with nothing
     removed, stronger masks only spend neutral quality, so the advice points away from them. `retrained` says
     that `after` already went through the neutral retrain, so a verdict of copies removed at a neutral cost
-    advises a longer one rather than a first.
+    advises a longer one rather than a first; it also names the model the sentence speaks of, unless `what` does.
     """
+    if what is None:
+        what = "the retrained slim model" if retrained else "the slim model"
     controls = dict(controls or {})
     if not _ok(original.memorized.copy_rate):
         wen = (f"Wen's AUC {original.wen_auc:.2f} -> {after.wen_auc:.2f}" if _ok(original.wen_auc)

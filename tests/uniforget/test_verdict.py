@@ -47,7 +47,7 @@ def test_quality_loss_and_no_memorization_are_said():
     # a retrain already ran (second testbed, beta 10 + 600 steps: copies -54%, judge 96.5% -> 91.7%): not "add one"
     after = decide(ev(1.0, judge=0.965), ev(0.45, judge=0.917), {"random": ev(0.88)}, retrained=True)
     assert after.status == "not reduced" and "a longer neutral retrain" in after.sentence
-    assert "a brief neutral retrain" not in after.sentence
+    assert "a brief neutral retrain" not in after.sentence and "in the retrained slim model" in after.sentence
     assert decide(ev(0.05), ev(0.0)).status == "nothing to reduce"
     nan = float("nan")
     unmeasured = decide(ev(nan, nan, judge=None), ev(nan, nan, judge=None, wen=0.55))
