@@ -16,7 +16,7 @@ from typing import NoReturn
 
 from uniforget.errors import UniforgetError
 
-from .commands import STAGES
+from .commands import STAGE_HELP, STAGES
 
 log = logging.getLogger("uniforget")
 
@@ -111,21 +111,46 @@ def apply_single_file_options(args: argparse.Namespace) -> None:
         set_single_file_defaults(args.model_config, args.prediction_type)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `uniforget` parser. Only the stage `argv` names is imported (some stages import torch, ~3 s);
+    the others are listed by their one-line help alone, so `uniforget --help` and the light stages (export,
+    build, bench, serve) parse and refuse a bad option in a fraction of a second."""
+    chosen = _stage_in(sys.argv[1:] if argv is None else argv)
     p = OneLineErrorParser(prog="uniforget", description="UniForget stages, one at a time.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     add_single_file_options(p)
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name in STAGES:
-        mod = _load_stage(name)
+        mod = _load_stage(name) if name == chosen else None
         if mod is None:
-            sp = sub.add_parser(name, help="(not available yet)")
+            sp = sub.add_parser(name, help=STAGE_HELP[name] if name != chosen else "(not available yet)")
             sp.set_defaults(func=_not_available(name))
         else:
             sp = mod.add_parser(sub)
             sp.set_defaults(func=mod.run)
+        _add_logging_options(sp)
     return p
+
+
+_TOP_OPTIONS_WITH_VALUE = ("--model-config", "--prediction-type")
+
+
+def _stage_in(argv: Sequence[str]) -> str | None:
+    """The stage a command line names: its first word that is not a top-level option or an option's value."""
+    it = iter(argv)
+    for word in it:
+        if word in _TOP_OPTIONS_WITH_VALUE:
+            next(it, None)
+        elif not word.startswith("-"):
+            return word if word in STAGES else None
+    return None
+
+
+def _add_logging_options(sp: argparse.ArgumentParser) -> None:
+    """-v / -q after the stage name too (`uniforget plan -q ...`); given there, they win over the ones before it."""
+    sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging (-vv for debug)")
+    sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
 
 
 def _terminate(signum: int, _frame: object) -> None:
@@ -152,7 +177,7 @@ def _run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     _setup_logging(-1 if args.quiet else args.verbose)
     return _run(args.func, args)
 

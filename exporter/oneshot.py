@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import ExportError, MissingDependencyError
-from .publish import check_can_create, publish_dir
+from .publish import check_can_create, check_input_file, check_prompts_file, publish_dir
 from .report import ReportData, StageRecord, write_report
 
 log = logging.getLogger(__name__)
@@ -243,8 +243,6 @@ def preflight(opts: ExportOptions) -> Path:
     elif opts.fp16:
         raise ExportError("--fp16 sets the TensorRT engine's precision (ONNX stays fp32 for the 1e-4 gate); "
                           "add --trt, or drop --fp16")
-    if opts.masks is not None and not Path(opts.masks).is_file():
-        raise ExportError(f"masks file not found: {opts.masks}")
     if opts.masks is None and opts.beta not in BETAS:
         try:
             b = float(opts.beta)
@@ -259,6 +257,8 @@ def preflight(opts: ExportOptions) -> Path:
     if opts.tune_weights > 0 and opts.masks is not None:
         raise ExportError("--tune-weights learns new masks; drop --masks (masks from `uniforget learn "
                           "--tune-weights` are found with their tuned UNet beside them)")
+    if opts.masks is not None:
+        check_input_file(opts.masks, "--masks", safetensors=True)
     model_path = resolve_model_path(opts.model)
     if not Path(model_path).exists():
         hint = (" (the embedded toy is not installed in this checkout: train it with scripts/train_toy.py)"
@@ -267,15 +267,15 @@ def preflight(opts: ExportOptions) -> Path:
     if opts.eval_spec is not None and not Path(opts.eval_spec).is_file():
         raise ExportError(f"--eval-spec file not found: {opts.eval_spec}")
     if opts.prompts is not None:
+        check_prompts_file(opts.prompts)
+    if opts.eval_prompts is not None:  # parsed and checked now, not after every stage before validation ran
         from uniforget.errors import UniforgetError
-        from uniforget.prompts import read_prompt_file
+        from uniforget.eval_prompts import read_eval_prompts
 
         try:
-            read_prompt_file(opts.prompts)
+            read_eval_prompts(opts.eval_prompts)
         except UniforgetError as e:
-            raise ExportError(f"--prompts: {e}") from e
-    if opts.eval_prompts is not None and not Path(opts.eval_prompts).is_file():
-        raise ExportError(f"--eval-prompts file not found: {opts.eval_prompts}")
+            raise ExportError(f"--eval-prompts: {e}") from e
     return out
 
 

@@ -709,6 +709,7 @@ class ExportRequest:
     options: OnnxExportOptions = OnnxExportOptions()
     tolerance: Tolerance | None = None
     pipeline: str | None = None  # a diffusers pipeline folder or 'toy': also write out/pipeline/
+    overwrite: bool = False  # replace an existing `out`
 
 
 @dataclass(frozen=True)
@@ -720,20 +721,33 @@ class ExportSummary:
 
 
 def run_export(req: ExportRequest) -> ExportSummary:
-    """The export stage: unet.onnx (+ pipeline/) under `req.out`, each gated; export.json written last."""
+    """The export stage: unet.onnx (+ pipeline/) under `req.out`, each gated; export.json written last.
+
+    Everything is written into a temporary sibling folder that is renamed to `out` only when every gate passed,
+    so a failure leaves nothing behind that looks like an export."""
     out = Path(req.out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not req.overwrite:
+        raise ExportError(f"--out {out} already exists; pass --overwrite to replace it")
     unet = load_unet(req.unet)  # bad input fails before anything is created
-    _check_writable(out)
-    res, report = export_unet_validated(unet, out / "unet.onnx", req.options, req.tolerance)
-    pipe_res = None
-    if req.pipeline is not None:
-        pipe_res = export_pipeline(req.pipeline, out / "pipeline", unet=unet, options=req.options, tol=req.tolerance)
-    summary = {"unet": res.to_dict(), "unet_parity": report.to_dict(),
-               "pipeline": pipe_res.to_dict() if pipe_res else None}
-    path = out / "export.json"
-    tmp = out / ".export.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
-    return ExportSummary(res, report, pipe_res, path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        res, report = export_unet_validated(unet, tmp / "unet.onnx", req.options, req.tolerance)
+        res = _relocate(res, tmp, out)  # the paths it will have once published
+        pipe_res = None
+        if req.pipeline is not None:
+            pipe_res = export_pipeline(req.pipeline, tmp / "pipeline", unet=unet, options=req.options,
+                                       tol=req.tolerance)
+            pipe_res = PipelineExportResult(out / "pipeline", {k: _relocate(v, tmp, out) for k, v in
+                                                               pipe_res.components.items()}, pipe_res.parity)
+        summary = {"unet": res.to_dict(), "unet_parity": report.to_dict(),
+                   "pipeline": pipe_res.to_dict() if pipe_res else None}
+        (tmp / "export.json").write_text(json.dumps(summary, indent=2))
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportSummary(res, report, pipe_res, out / "export.json")

@@ -1,5 +1,5 @@
 """Publishing a finished output folder: every stage writes into a temporary sibling and renames it into place;
-and refusing, before any work, an output path that could never be created."""
+and refusing, before any work, an output path that could never be created or an input file that is not one."""
 
 from __future__ import annotations
 
@@ -29,12 +29,28 @@ def publish_dir(tmp: Path, out: Path) -> None:
 
 
 def check_can_create(out: Path, option: str = "--out") -> None:
-    """Refuse, before any work, an output path that cannot be created: an ancestor that is a file, or a folder
-    where nothing can be written (read-only, /proc, no permission). The nearest existing ancestor is probed by
-    creating and removing an empty temporary folder there, because os.access says yes to root everywhere."""
+    """Refuse, before any work, an output folder that cannot be created: a path that is a file, an ancestor that
+    is a file, or a folder where nothing can be written (read-only, /proc, no permission)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{option} {out} is a file, not a folder; choose another {option}")
+    _probe_ancestor(out, option)
+
+
+def check_can_write_file(out: Path, option: str = "--out", *, replace: bool = True) -> None:
+    """Refuse, before any work, an output file that cannot be written: a path that is a folder, an existing file
+    when `replace` is false (the option's --overwrite not given), or a place where nothing can be written."""
+    out = Path(out)
+    if out.is_dir():
+        raise ExportError(f"{option} {out} is a folder; give a file path")
+    if out.exists() and not replace:
+        raise ExportError(f"{option} {out} already exists; pass --overwrite to replace it")
+    _probe_ancestor(out, option)
+
+
+def _probe_ancestor(out: Path, option: str) -> None:
+    """The nearest existing ancestor must be a folder where something can be created. It is probed by creating
+    and removing an empty temporary folder there, because os.access says yes to root everywhere."""
     anc = out.parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
@@ -45,3 +61,42 @@ def check_can_create(out: Path, option: str = "--out") -> None:
     except OSError as e:
         raise ExportError(f"cannot create {option} {out}: nothing can be written in {anc} "
                           f"({e.strerror or e}); choose another {option}") from None
+
+
+def check_input_file(path: Path | str, option: str, *, safetensors: bool = False) -> Path:
+    """Refuse, before a model is loaded, an input that is missing, a folder, or (safetensors=True) not a
+    readable .safetensors file; only its header is read."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"{option} {path} is a folder; give a file")
+    if not path.is_file():
+        raise ExportError(f"{option} file not found: {path}")
+    if safetensors:
+        from uniforget.errors import ModelLoadError
+        from uniforget.safetensors_header import read_safetensors_header
+
+        try:
+            read_safetensors_header(path)
+        except ModelLoadError as e:
+            raise ExportError(f"{option}: {e}") from None
+    return path
+
+
+def check_prompts_file(path: Path | str, option: str = "--prompts") -> None:
+    """A neutral-prompts file (one per line) that exists, is UTF-8 text and holds at least one prompt."""
+    from uniforget.errors import UniforgetError
+    from uniforget.prompts import read_prompt_file
+
+    check_input_file(path, option)
+    try:
+        read_prompt_file(path)
+    except UniforgetError as e:
+        raise ExportError(f"{option}: {e}") from None
+
+
+def check_model(model: str, option: str = "--model") -> None:
+    """'toy' or a path that exists (a pipeline folder or a checkpoint file); what it holds is checked on load."""
+    from uniforget.models import resolve_model_path
+
+    if not Path(resolve_model_path(model)).exists():
+        raise ExportError(f"{option} not found: {model}")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MaskSetError, UniforgetError
+from .eval_prompts import read_eval_prompts
 from .generate import Gates, encode_prompts, generate, optimize_embeddings, perturb_embeddings
 from .memorization import COPY_RATIO, detect_copies, output_drift, roc_auc, ssim
 from .signature import THRESHOLDS, EmptyPromptCheck, Signature, empty_prompt_check, read_signature
@@ -103,50 +104,28 @@ class EvalData:
     @classmethod
     def from_file(cls, path: str | Path, size: int) -> EvalData:
         """Evaluation data for any model (a user's checkpoint): a JSON file of neutral prompts and suspect captions,
-        each with an optional reference image, plus an optional folder of further (neutral) training images::
-
-            {"neutral": ["a photo of a harbour at dawn", ...],
-             "memorized": [{"caption": "...", "image": "refs/item.png"}, {"caption": "..."}],
-             "references": "train_sample/"}
-
-        Paths are relative to the file; images are resized to `size` (the model's output resolution). Without
-        any reference image only Wen's noise norm can be measured (copy detection and the empty-prompt check
-        need references)."""
+        each with an optional reference image, plus an optional folder of further (neutral) training images
+        (format and checks: uniforget.eval_prompts). Images are resized to `size` (the model's output
+        resolution). Without any reference image only Wen's noise norm can be measured (copy detection and the
+        empty-prompt check need references)."""
         from PIL import Image
 
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-            neutral = [str(p) for p in raw["neutral"]]
-            mem = list(raw["memorized"])
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UniforgetError(f"cannot read evaluation prompts {path}: {e} (want {{'neutral': [...], "
-                                 "'memorized': [{'caption': ..., 'image': optional}]}})") from e
-        if not neutral or not mem:
-            raise UniforgetError(f"{path}: needs at least one neutral prompt and one memorized (suspect) caption")
+        spec = read_eval_prompts(path)
 
         def load(p: Path) -> np.ndarray:
             try:
                 img = Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)
             except OSError as e:
-                raise UniforgetError(f"{path}: cannot read reference image {p}: {e}") from e
+                raise UniforgetError(f"{spec.path}: cannot read reference image {p}: {e}") from e
             return np.asarray(img, np.float32) / 255.0
 
-        with_image = [m for m in mem if m.get("image")]
-        if with_image and len(with_image) != len(mem):
-            raise UniforgetError(f"{path}: give a reference image for every memorized caption, or for none")
-        items = np.stack([load(path.parent / m["image"]) for m in with_image]) if with_image else \
-            np.zeros((0, size, size, 3), np.float32)
-        extra = []
-        if raw.get("references"):
-            folder = path.parent / raw["references"]
-            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-            extra = [load(f) for f in files]
+        mem = spec.memorized
+        items = np.stack([load(m.image) for m in mem]) if spec.has_images else np.zeros((0, size, size, 3), np.float32)
+        extra = [load(f) for f in spec.references]
         train = np.concatenate([np.stack(extra), items]) if extra else items
         index = np.concatenate([np.full(len(extra), -1), np.arange(len(items))]).astype(np.int64)
-        return cls(neutral_prompts=tuple(neutral), memorized_captions=tuple(str(m["caption"]) for m in mem),
-                   memorized_item=tuple(range(len(mem))),
-                   item_names=tuple(m.get("name", f"item{i}") for i, m in enumerate(mem)),
+        return cls(neutral_prompts=spec.neutral, memorized_captions=tuple(m.caption for m in mem),
+                   memorized_item=tuple(range(len(mem))), item_names=tuple(m.name for m in mem),
                    item_images=items, train_images=train.astype(np.float32), train_item=index)
 
 

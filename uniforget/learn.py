@@ -66,9 +66,9 @@ def parse_beta(value: str | float) -> float:
     try:
         beta = float(value)
     except ValueError:
-        raise LearnError(f"beta must be weak, medium, strong or a number, got {value!r}") from None
+        raise LearnError(f"--beta must be auto, weak, medium, strong or a number >= 0, got {value!r}") from None
     if not math.isfinite(beta) or beta < 0:
-        raise LearnError(f"beta must be a finite number >= 0, got {value!r}")
+        raise LearnError(f"--beta must be a finite number >= 0, got {value!r}")
     return beta
 
 

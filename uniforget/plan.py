@@ -240,10 +240,11 @@ def parse_ratio(ratio: Any) -> Ratio:
         except ValueError:
             raise PlanError(f"--ratio must be 'auto' or a number in [0, 1), got {ratio!r}") from None
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise PlanError(f"ratio must be 'auto' or a number in [0, 1), got {ratio!r}")
+        raise PlanError(f"--ratio must be 'auto' or a number in [0, 1), got {ratio!r}")
     r = float(ratio)
     if math.isnan(r) or not 0.0 <= r < 1.0:
-        raise PlanError(f"ratio must be in [0, 1) (a fraction of UNet parameters to remove), got {ratio!r}")
+        raise PlanError(f"--ratio must be 'auto' or a number in [0, 1) (a fraction of UNet parameters to remove), "
+                        f"got {ratio!r}")
     return r
 
 

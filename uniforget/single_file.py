@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import struct
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 from .errors import ModelLoadError
 from .ldm_layout import SD1_TEXT, SD2_TEXT, SDXL_TEXT_1, SDXL_TEXT_2, UNET
+from .safetensors_header import read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,6 @@ CLIP_TOKENIZER = DATA / "clip_tokenizer"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # SD2.x and SDXL's second tokenizer pad with "!" (OpenCLIP pads with id 0); CLIP-L pads with its end token
 _OPEN_CLIP_PAD = "!"
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
 Shapes = Mapping[str, tuple[int, ...]]
 
 
@@ -66,26 +63,6 @@ class CheckpointInfo:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Tensor shapes and dtypes (`{name: shape}`, `{name: dtype}`) from the header alone (no weights read)."""
-    p = Path(path)
-    try:
-        with p.open("rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ValueError("file is shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100 * 2**20 or n > p.stat().st_size - 8:
-                raise ValueError(f"header length {n} does not fit the file")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{p} is not a readable .safetensors file: {e}") from e
-    header.pop("__metadata__", None)
-    shapes = {k: tuple(int(d) for d in v["shape"]) for k, v in header.items()}
-    dtypes = {k: _SAFETENSORS_DTYPES.get(v["dtype"], v["dtype"].lower()) for k, v in header.items()}
-    return shapes, dtypes
-
 
 def _read_pickle_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Shapes of a trusted pickle checkpoint (the caller passed allow_pickle); weights-only unpickling."""

@@ -7,10 +7,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from exporter.argtypes import int_at_least, positive_float, positive_int
+from exporter.commands import STAGE_HELP
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "bench", help="latency of dense vs slim UNet (torch eager, CUDA graph, torch.compile, ONNX Runtime, TensorRT)",
+        "bench", help=STAGE_HELP["bench"],
         description="Times the model's dense UNet and a slim UNet (from an export folder or a slim-UNet folder) under "
                     "each runtime, calling the two alternately (>= 20 rounds, more until the ratio's 95% interval "
                     "is narrow enough): the median paired ratio with its interval, the FLOP ratio beside it.")
@@ -22,14 +25,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(default: eager,onnxruntime on CPU; all on CUDA)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--fp16", action="store_true", help="torch runtimes in fp16 (GPU)")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--size", type=int, default=None, help="latent height = width (default: the UNet's sample_size)")
-    p.add_argument("--seq-len", type=int, default=77)
-    p.add_argument("--runs", type=int, default=20, help="least interleaved rounds (one call of each model per round)")
-    p.add_argument("--max-runs", type=int, default=None, help="most rounds (default 3 x --runs)")
-    p.add_argument("--ci", type=float, default=0.02,
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--size", type=positive_int, default=None, help="latent height = width (default: the UNet's sample_size)")
+    p.add_argument("--seq-len", type=positive_int, default=77)
+    p.add_argument("--runs", type=int_at_least(20, 'for a stable p95 and ratio interval'), default=20, help="least interleaved rounds (one call of each model per round)")
+    p.add_argument("--max-runs", type=positive_int, default=None, help="most rounds (default 3 x --runs)")
+    p.add_argument("--ci", type=positive_float, default=0.02,
                    help="stop adding rounds once the ratio's 95%% interval is within +- this (default 0.02)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=positive_int, default=3)
     p.add_argument("--json", type=Path, default=None, help="write results here (default: print only)")
     p.add_argument("--chart", type=Path, default=None, help="write a latency chart PNG here")
     return p
@@ -69,13 +72,23 @@ def bench_notes(res: Any) -> list[str]:
     return [f"{row['runtime']}: {row['status']}" for row in res.rows() if row["status"] != "ok"]
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """--json and --chart before the benchmark runs, not after it."""
+    from exporter.publish import check_can_write_file
+
+    for path, option in ((args.json, "--json"), (args.chart, "--chart")):
+        if path is not None:
+            check_can_write_file(path, option)
+
+
 def run(args: argparse.Namespace) -> int:
+    check_outputs(args)
     from rich.console import Console
 
     from exporter.bench import CPU_DEFAULT, GPU_DEFAULT, BenchOptions, bench_pair, plot, write_json
+    from exporter.commands import quiet_libraries
     from exporter.errors import ExportError
     from uniforget.plan import load_source_unet
-
     slim_dir = args.slim / "unet" if (args.slim / "unet" / "uniforget_plan.json").is_file() else args.slim
     if not (slim_dir / "uniforget_plan.json").is_file():
         raise ExportError(f"{args.slim} is neither an export folder (unet/uniforget_plan.json) nor a slim UNet folder")
@@ -84,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(runtimes=runtimes, batch=args.batch, height=args.size, width=args.size,
                         seq_len=args.seq_len, runs=args.runs, max_runs=args.max_runs, ci_halfwidth=args.ci,
                         warmup=args.warmup, device=args.device, fp16=args.fp16)
+    quiet_libraries(getattr(args, "verbose", 0))
     dense = load_source_unet(args.model)
     trt = {"slim": args.slim / "trt" / "unet.plan"} if (args.slim / "trt" / "unet.plan").is_file() else None
     res = bench_pair(dense, slim_dir, opts, label=str(args.model), trt=trt)

@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from exporter.argtypes import int_at_least, int_between, nonnegative_float, positive_float, positive_int
+from exporter.commands import STAGE_HELP
 from uniforget.errors import UniforgetError
 
 log = logging.getLogger(__name__)
@@ -14,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "build", help="build a TensorRT engine and/or a Triton model repository from the exported ONNX",
+        "build", help=STAGE_HELP["build"],
         description="Build OUT/trt (TensorRT engine + build.json, parity-checked against ONNX Runtime fp32) and/or "
                     "OUT/triton (model repository: UNet ONNX, UNet plan, whole-pipeline Python model).")
     p.add_argument("--out", type=Path, required=True, help="output root, e.g. engines/NAME (holds onnx/ already)")
@@ -32,21 +34,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       ("seq-len", "text length")):
         for which in ("min", "opt", "max"):
             t.add_argument(f"--{which}-{dim}", type=int, help=f"{which} {hint}")
-    t.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit (GiB)")
-    t.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
+    t.add_argument("--workspace-gib", type=positive_float, default=8.0, help="builder workspace limit (GiB)")
+    t.add_argument("--opt-level", type=int_between(0, 5), default=3, help="builder optimization level 0..5")
     t.add_argument("--timing-cache", type=Path, help="timing cache file, loaded when present and updated after")
     t.add_argument("--reference-onnx", type=Path, help="fp32 ONNX for parity (default: --onnx)")
-    t.add_argument("--rtol", type=float, default=1e-2, help="parity rtol vs ONNX Runtime fp32")
-    t.add_argument("--atol", type=float, default=5e-3, help="parity atol vs ONNX Runtime fp32")
+    t.add_argument("--rtol", type=nonnegative_float, default=1e-2, help="parity rtol vs ONNX Runtime fp32")
+    t.add_argument("--atol", type=nonnegative_float, default=5e-3, help="parity atol vs ONNX Runtime fp32")
     r = p.add_argument_group("Triton")
-    r.add_argument("--max-batch-size", type=int, default=0, help="Triton batching along dim 0 (0: off)")
+    r.add_argument("--max-batch-size", type=int_at_least(0, '0 = batching off'), default=0, help="Triton batching along dim 0 (0: off)")
     r.add_argument("--dynamic-batching", action="store_true", help="let Triton merge requests (needs batching)")
-    r.add_argument("--max-queue-delay-us", type=int, default=100)
-    r.add_argument("--instances", type=int, default=1, help="model instances per device")
+    r.add_argument("--max-queue-delay-us", type=int_at_least(0), default=100)
+    r.add_argument("--instances", type=positive_int, default=1, help="model instances per device")
     r.add_argument("--instance-kind", choices=("cpu", "gpu", "auto"), default="cpu")
-    r.add_argument("--steps", type=int, default=20, help="pipeline model's default sampler steps")
-    r.add_argument("--guidance-scale", type=float, default=7.5, help="pipeline model's default guidance")
-    r.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads in the pipeline model (0: default)")
+    r.add_argument("--steps", type=positive_int, default=20, help="pipeline model's default sampler steps")
+    r.add_argument("--guidance-scale", type=nonnegative_float, default=7.5, help="pipeline model's default guidance")
+    r.add_argument("--threads", type=int_at_least(0, '0 = ONNX Runtime default'), default=0, help="ONNX Runtime threads in the pipeline model (0: default)")
     r.add_argument("--pipeline-unet", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
                    help="runtime of the UNet inside the pipeline model")
     r.add_argument("--python-env", type=Path, help="EXECUTION_ENV_PATH for the Python backend (default .venv-triton)")
@@ -60,6 +62,21 @@ def _default_onnx(out: Path) -> Path:
         if cand.is_file():
             return cand
     raise UniforgetError(f"no UNet ONNX under {out}/onnx: run `uniforget export` first or pass --onnx")
+
+
+def _check_onnx(path: Path, option: str) -> Path:
+    """An ONNX file whose graph parses (weights in external data are not read), before any build starts."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from exporter.publish import check_input_file
+
+    check_input_file(path, option)
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError) as e:
+        raise UniforgetError(f"{option} {path} is not a readable ONNX model: {e}") from None
+    return path
 
 
 def _sample_size(onnx: Path) -> int:
@@ -77,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not (args.trt or args.triton):
         raise UniforgetError("nothing to build: pass --trt (TensorRT engine) and/or --triton (model repository)")
-    onnx = args.onnx or _default_onnx(args.out)
+    onnx = _check_onnx(args.onnx, "--onnx") if args.onnx else _default_onnx(args.out)
+    if args.reference_onnx:
+        _check_onnx(args.reference_onnx, "--reference-onnx")
+    if args.pipeline is not None and not args.triton:
+        raise UniforgetError("--pipeline names the ONNX pipeline for the Triton repository: add --triton")
     trt_dir = args.out / "trt"
     if args.trt:
         s = _sample_size(onnx)
@@ -96,11 +117,12 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite))
         print(f"engine: {res.plan} ({res.seconds:.1f} s); record: {res.build_json}")
     if args.triton:
-        pipeline = args.pipeline or (args.out / "onnx" / "pipeline")
+        default = args.out / "onnx" / "pipeline"  # an explicit --pipeline is checked by write_repository
+        pipeline = args.pipeline if args.pipeline is not None else default if default.is_dir() else None
         res = write_repository(TritonRepoOptions(
             out_dir=args.out / "triton", unet_onnx=onnx,
             trt_dir=trt_dir if (trt_dir / "unet.plan").is_file() else None,
-            pipeline_dir=pipeline if pipeline.is_dir() else None, python_env=args.python_env,
+            pipeline_dir=pipeline, python_env=args.python_env,
             execution_env=not args.no_python_env,
             max_batch_size=args.max_batch_size, dynamic_batching=args.dynamic_batching,
             max_queue_delay_us=args.max_queue_delay_us, instances=args.instances, instance_kind=args.instance_kind,

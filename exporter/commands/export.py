@@ -6,11 +6,14 @@ import argparse
 import logging
 from pathlib import Path
 
+from exporter.argtypes import nonnegative_float
+from exporter.commands import STAGE_HELP
+
 log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("export", help="export a UNet (and optionally the pipeline) to ONNX, with parity gates",
+    p = subparsers.add_parser("export", help=STAGE_HELP["export"],
                               description="Writes OUT/unet.onnx (+ OUT/pipeline/ in optimum's ONNX layout) and "
                                           "OUT/export.json; fails (exit 2) when ONNX Runtime misses the tolerance.")
     p.add_argument("--unet", required=True, type=Path, help="slim UNet folder (uniforget_plan.json) or diffusers UNet folder")
@@ -21,19 +24,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "(automatic above 2 GB)")
     p.add_argument("--fast-fold", action="store_true", help="onnx's shape inference while folding constants "
                    "instead of ONNX Runtime's symbolic one: ~3x faster export, ~10%% more shape nodes left")
-    p.add_argument("--atol", type=float, default=None, help="parity tolerance (default 1e-4 fp32, 5e-2 fp16)")
-    p.add_argument("--rtol", type=float, default=None, help="relative parity tolerance (default 0 fp32, 5e-2 fp16)")
+    p.add_argument("--atol", type=nonnegative_float, default=None, help="parity tolerance (default 1e-4 fp32, 5e-2 fp16)")
+    p.add_argument("--rtol", type=nonnegative_float, default=None, help="relative parity tolerance (default 0 fp32, 5e-2 fp16)")
     p.add_argument("--pipeline", metavar="MODEL", default=None,
                    help="also export text encoder + this UNet + VAE decoder of MODEL (pipeline folder or 'toy')")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from exporter.errors import ExportError
     from exporter.onnx_export import FP16_TOLERANCE, ExportRequest, OnnxExportOptions, run_export
     from exporter.parity import Tolerance
     from exporter.publish import check_can_create
+    from uniforget.models import resolve_model_path
 
     check_can_create(args.out, "--out")  # before the UNet is loaded and traced
+    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
+        raise ExportError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    if args.pipeline is not None and not Path(resolve_model_path(args.pipeline)).exists():
+        raise ExportError(f"--pipeline model not found: {args.pipeline}")
     options = OnnxExportOptions(opset=args.opset, fp16=args.fp16, external_data=True if args.external_data else None,
                                 symbolic_shapes=not args.fast_fold)
     tol = None
@@ -42,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         tol = Tolerance(atol=base.atol if args.atol is None else args.atol,
                         rtol=base.rtol if args.rtol is None else args.rtol)
     summary = run_export(ExportRequest(unet=args.unet, out=args.out, options=options, tolerance=tol,
-                                       pipeline=args.pipeline))
+                                       pipeline=args.pipeline, overwrite=args.overwrite))
     u = summary.unet
     log.info("%s: %d -> %d nodes, %.1f MB, export %.2f s; %s", u.path, u.nodes_exported, u.nodes_folded,
              u.file_bytes / 1e6, u.export_seconds, summary.unet_parity.summary())

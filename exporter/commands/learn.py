@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from exporter.commands import quiet_libraries
+from exporter.argtypes import count_or_zero, float_open_unit, nonnegative_float, positive_float, positive_int
+from exporter.commands import STAGE_HELP, DocstringFormatter, quiet_libraries
 from uniforget.calibrate import STATISTICS, CalibrationConfig, parse_ladder
 from uniforget.learn import LearnConfig, LearnRequest, LearnResult, StepStats, parse_beta, run_learn
 from uniforget.sampler import CHECKPOINTING, SamplerConfig
@@ -24,16 +25,16 @@ from uniforget.targets import KINDS
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d, ds, dc = LearnConfig(), SamplerConfig(), CalibrationConfig()
-    p = subparsers.add_parser("learn", help="learn gates from neutral prompts -> MaskSet",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("learn", help=STAGE_HELP["learn"],
+                              description=__doc__, formatter_class=DocstringFormatter)
     p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline folder or a .safetensors checkpoint")
     p.add_argument("--out", type=Path, default=Path("masks.safetensors"), help="MaskSet file to write")
     p.add_argument("--beta", default="auto",
                    help="sparsity weight: auto (default: the strongest rung of --ladder whose drift on held-out neutral "
                         "prompts stays within --budget), weak (1), medium (2), strong (5) or a number")
-    p.add_argument("--budget", type=float, default=dc.budget,
+    p.add_argument("--budget", type=positive_float, default=dc.budget,
                    help=f"--beta auto: max relative latent drift on held-out neutral prompts (default {dc.budget:g})")
-    p.add_argument("--drift-seeds", type=int, default=dc.drift_seeds, metavar="K",
+    p.add_argument("--drift-seeds", type=positive_int, default=dc.drift_seeds, metavar="K",
                    help="--beta auto: start noises per held-out prompt, pooled per prompt, for the budget's drift "
                         f"(default {dc.drift_seeds})")
     p.add_argument("--budget-statistic", choices=STATISTICS, default=dc.statistic,
@@ -41,45 +42,58 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "median prompt's (robust to a few prompts whose image flips)")
     p.add_argument("--ladder", default=",".join(f"{b:g}" for b in dc.ladder),
                    help="--beta auto: increasing betas to try (default %(default)s)")
-    p.add_argument("--holdout", type=float, default=dc.holdout,
+    p.add_argument("--holdout", type=float_open_unit, default=dc.holdout,
                    help=f"--beta auto: share of the neutral prompts held out for the budget (default {dc.holdout:g})")
-    p.add_argument("--rung-steps", type=int, default=None,
+    p.add_argument("--rung-steps", type=positive_int, default=None,
                    help="--beta auto: steps of each rung after the first (default: half of --steps)")
     p.add_argument("--recon", choices=("relative", "absolute"), default=d.recon,
                    help="reconstruction term: relative (/ variance of the original's latents; default) or absolute")
     p.add_argument("--prompts", type=Path, default=None,
                    help="neutral prompts, one per line (default: the toy's training prompts, else a shipped generic list)")
     p.add_argument("--targets", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine annealed)")
-    p.add_argument("--lr-min", type=float, default=d.lr_min, help="cosine floor")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help="optimizer steps")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (cosine annealed)")
+    p.add_argument("--lr-min", type=nonnegative_float, default=d.lr_min, help="cosine floor")
     p.add_argument("--optimizer", choices=("adamw", "adam"), default=d.optimizer,
                    help="adamw: decoupled weight decay; adam: the paper's coupled decay (collapses small models)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--tune-weights", type=float, default=d.weight_lr, metavar="LR",
+    p.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay)
+    p.add_argument("--tune-weights", type=nonnegative_float, default=d.weight_lr, metavar="LR",
                    help="also fine-tune a copy of the UNet's weights at this rate, jointly with the gates, against "
                         "the frozen original (0 = off, the paper's recipe; with --beta auto each rung continues from the "
                         "rung below's weights); writes OUT.unet/ for `prune --unet`")
-    p.add_argument("--batch", type=int, default=d.batch, help="prompts per step (global, across processes)")
-    p.add_argument("--sampler-steps", type=int, default=ds.steps, help="N: sampler steps unrolled per sample")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--batch", type=positive_int, default=d.batch, help="prompts per step (global, across processes)")
+    p.add_argument("--sampler-steps", type=positive_int, default=ds.steps, help="N: sampler steps unrolled per sample")
+    p.add_argument("--guidance-scale", type=nonnegative_float, default=None,
                    help=f"classifier-free guidance scale (default: the model's own, else {ds.guidance_scale})")
     p.add_argument("--checkpointing", choices=CHECKPOINTING, default=ds.checkpointing,
                    help="activation checkpointing: per sampler step, diffusers' UNet blocks, or none")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
                    help="autocast dtype for the UNet (bf16 on GPUs; fp16 has no loss scaling)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="K", help="save resumable state every K steps")
+    p.add_argument("--checkpoint-every", type=count_or_zero, default=50, metavar="K", help="save resumable state every K steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--device", choices=("cpu",), default=None, help="force CPU (default: accelerate's choice)")
     p.add_argument("--history", type=Path, default=None, help="write per-step loss parts and closed shares (JSON lines)")
-    p.add_argument("--drift-prompts", type=int, default=16,
+    p.add_argument("--drift-prompts", type=count_or_zero, default=16,
                    help="measure the final gates' neutral drift on this many training prompts (0 = skip)")
     p.add_argument("--controls", action="store_true",
                    help="also write random-removal and shuffled-gates control MaskSets at the learned masks' "
                         "neutral drift (<out>.control-random/-shuffled.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """Output and input paths, before the model loads or a progress bar starts: one line, exit 2."""
+    from exporter.publish import check_can_write_file, check_model, check_prompts_file
+
+    check_can_write_file(args.out, "--out", replace=args.overwrite or args.resume)
+    if args.history is not None:
+        check_can_write_file(args.history, "--history")
+    check_model(args.model)
+    if args.prompts is not None:
+        check_prompts_file(args.prompts)
 
 
 def _config(args: argparse.Namespace) -> LearnRequest:
@@ -111,6 +125,7 @@ def _sampler(args: argparse.Namespace) -> SamplerConfig:
 
 def run(args: argparse.Namespace) -> int:
     req = _config(args)
+    check_paths(args)
     quiet_libraries(getattr(args, "verbose", 0))
     if args.no_progress:
         result = run_learn(req)

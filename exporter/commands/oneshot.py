@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs TensorRT and a GPU)")
     p.add_argument("--fp16", action="store_true", help="TensorRT engine in fp16 (with --trt)")
     p.add_argument("--out", type=Path, help="output folder (default engines/<model>-<beta>-r<ratio>)")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace an existing output folder (--overwrite, as the stages spell it)")
     p.add_argument("--learn-steps", type=int, default=300, help="mask-learning steps when no MaskSet is found")
     p.add_argument("--prompts", type=Path,
                    help="neutral prompts to learn (and retrain) from, one per line (default: the toy's own "

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from exporter.argtypes import int_at_least, positive_int
+from exporter.commands import STAGE_HELP, DocstringFormatter, quiet_libraries
 from uniforget.flops import ReferenceShape
 from uniforget.plan import DEFAULT_ALIGN, PlanRequest, PruningPlan, parse_ratio, plan_from_request
 
@@ -22,11 +24,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline folder or a .safetensors checkpoint")
     p.add_argument("--unet", type=Path, default=None, metavar="DIR",
                    help="a diffusers UNet folder (config.json + safetensors); overrides --model")
-    p.add_argument("--ref-batch", type=int, default=1, help="batch of the FLOP/parity reference input")
-    p.add_argument("--ref-size", type=int, default=None,
+    p.add_argument("--ref-batch", type=positive_int, default=1, help="batch of the FLOP/parity reference input")
+    p.add_argument("--ref-size", type=positive_int, default=None,
                    help="latent height=width of the reference input (default: the UNet's sample_size)")
-    p.add_argument("--ref-seq", type=int, default=77, help="text tokens of the reference input")
-    p.add_argument("--align", type=int, default=DEFAULT_ALIGN,
+    p.add_argument("--ref-seq", type=positive_int, default=77, help="text tokens of the reference input")
+    p.add_argument("--align", type=int_at_least(1, "1 = exact widths"), default=DEFAULT_ALIGN,
                    help="round each module's kept width up to a multiple of this; the units added back stay as "
                         f"zero-gated weights, so the slim model is unchanged (1 = exact widths; default {DEFAULT_ALIGN})")
 
@@ -53,13 +55,28 @@ def reference_shape(args: argparse.Namespace) -> ReferenceShape | None:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("plan", help="MaskSet + ratio -> PruningPlan (plan.json)", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("plan", help=STAGE_HELP["plan"], description=__doc__,
+                              formatter_class=DocstringFormatter)
     add_model_args(p)
     p.add_argument("--masks", type=Path, required=True, help="MaskSet file (masks.safetensors)")
     p.add_argument("--ratio", required=True, help="'auto' or the fraction of UNet parameters to remove, in [0, 1)")
     p.add_argument("--out", type=Path, default=Path("plan.json"), help="plan file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
+
+
+def check_sources(args: argparse.Namespace) -> None:
+    """--masks, --unet and --model before the model loads (plan and prune): one line, exit 2."""
+    from exporter.publish import check_input_file, check_model
+    from uniforget.errors import UniforgetError
+
+    if args.masks is not None:
+        check_input_file(args.masks, "--masks", safetensors=True)
+    if args.unet is not None:
+        if not args.unet.is_dir():
+            raise UniforgetError(f"--unet {args.unet} is not a UNet folder (config.json + safetensors)")
+    else:
+        check_model(args.model)
 
 
 def plan_table(plan: PruningPlan, title: str):
@@ -78,6 +95,11 @@ def print_plan_table(plan: PruningPlan, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from exporter.publish import check_can_write_file
+
+    check_can_write_file(args.out, "--out", replace=args.overwrite)
+    check_sources(args)
+    quiet_libraries(getattr(args, "verbose", 0))
     req = PlanRequest(masks=args.masks, ratio=parse_ratio(args.ratio), model=args.model, unet_dir=args.unet,
                       reference_shape=reference_shape(args), out=args.out, align=check_align(args.align))
     plan = plan_from_request(req)

@@ -12,31 +12,40 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from exporter.commands import quiet_libraries
+from exporter.argtypes import nonnegative_float
+from exporter.commands import STAGE_HELP, DocstringFormatter, quiet_libraries
 from uniforget.plan import parse_ratio
 from uniforget.slim_io import PruneRequest, prune_to_dir
 
-from .plan import add_model_args, check_align, print_plan_table, reference_shape
+from .plan import add_model_args, check_align, check_sources, print_plan_table, reference_shape
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("prune", help="MaskSet (or plan) -> slim UNet directory", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("prune", help=STAGE_HELP["prune"], description=__doc__,
+                              formatter_class=DocstringFormatter)
     add_model_args(p)
     p.add_argument("--masks", type=Path, default=None, help="MaskSet file (masks.safetensors)")
     p.add_argument("--ratio", default=None, help="'auto' or the fraction of UNet parameters to remove, in [0, 1)")
     p.add_argument("--plan", type=Path, default=None, help="use this plan.json instead of --masks/--ratio")
     p.add_argument("--out", type=Path, required=True, help="slim UNet directory to write")
     p.add_argument("--plan-out", type=Path, default=None, help="also write the plan here (it is always in --out)")
-    p.add_argument("--atol", type=float, default=1e-5, help="parity tolerance slim vs gated (fp32 max abs)")
+    p.add_argument("--atol", type=nonnegative_float, default=1e-5, help="parity tolerance slim vs gated (fp32 max abs)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from exporter.publish import check_can_create
+    from exporter.publish import check_can_create, check_input_file
+    from uniforget.errors import PlanError
 
+    if args.plan is None and (args.masks is None or args.ratio is None):
+        raise PlanError("give --masks and --ratio, or --plan")
     check_can_create(args.out, "--out")  # before the model is loaded
+    if args.out.exists() and not args.overwrite:
+        raise PlanError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    check_sources(args)
+    if args.plan is not None:
+        check_input_file(args.plan, "--plan")
     req = PruneRequest(out=args.out, masks=args.masks,
                        ratio=None if args.ratio is None else parse_ratio(args.ratio), plan=args.plan,
                        model=args.model, unet_dir=args.unet, reference_shape=reference_shape(args),

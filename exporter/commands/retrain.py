@@ -17,28 +17,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from exporter.commands import quiet_libraries
+from exporter.argtypes import count_or_zero, int_at_least, nonnegative_float, positive_float, positive_int
+from exporter.commands import STAGE_HELP, DocstringFormatter, quiet_libraries
 from uniforget.retrain import RetrainConfig, RetrainRequest, RetrainResult, RetrainStep, run_retrain
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     d = RetrainConfig()
-    p = subparsers.add_parser("retrain", help="slim UNet -> slim UNet fine-tuned to match the original on neutral prompts",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser("retrain", help=STAGE_HELP["retrain"],
+                              description=__doc__, formatter_class=DocstringFormatter)
     p.add_argument("--slim", type=Path, required=True, help="slim UNet folder to retrain (uniforget prune's --out)")
     p.add_argument("--out", type=Path, required=True, help="retrained slim UNet folder to write")
     p.add_argument("--model", default="toy",
                    help="the original model the slim UNet was cut from: 'toy', a diffusers folder or a .safetensors file")
     p.add_argument("--prompts", type=Path, default=None,
                    help="neutral prompts, one per line (default: the toy's training prompts, else a shipped generic list)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (0 = copy the slim UNet unchanged)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine annealed)")
-    p.add_argument("--lr-min", type=float, default=d.lr_min, help="cosine floor")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decoupled weight decay")
-    p.add_argument("--batch", type=int, default=d.batch, help="trajectories per step (global, across processes)")
-    p.add_argument("--sampler-steps", type=int, default=d.sampler_steps,
+    p.add_argument("--steps", type=int_at_least(0, '0 = copy the slim UNet unchanged'), default=d.steps, help="optimizer steps (0 = copy the slim UNet unchanged)")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (cosine annealed)")
+    p.add_argument("--lr-min", type=nonnegative_float, default=d.lr_min, help="cosine floor")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay, help="AdamW decoupled weight decay")
+    p.add_argument("--batch", type=positive_int, default=d.batch, help="trajectories per step (global, across processes)")
+    p.add_argument("--sampler-steps", type=positive_int, default=d.sampler_steps,
                    help="N: sampler steps of the trajectory (the noise objective draws its states from it)")
-    p.add_argument("--guidance-scale", type=float, default=None,
+    p.add_argument("--guidance-scale", type=nonnegative_float, default=None,
                    help=f"teacher trajectory guidance (default: the model's own, else {d.guidance_scale})")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision,
                    help="autocast dtype for both UNets (weights stay fp32)")
@@ -46,9 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="noise: match the teacher's noise predictions on its own trajectory states (cheap); "
                         "trajectory: match its N-step final latents, backpropagating through the sampler")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--drift-prompts", type=int, default=4,
+    p.add_argument("--drift-prompts", type=count_or_zero, default=4,
                    help="neutral prompts held out of the retrain to measure drift before/after on (0 = skip)")
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="K", help="save resumable state every K steps")
+    p.add_argument("--checkpoint-every", type=count_or_zero, default=50, metavar="K", help="save resumable state every K steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--device", choices=("cpu",), default=None, help="force CPU (default: accelerate's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -68,8 +69,25 @@ def _request(args: argparse.Namespace) -> RetrainRequest:
                           overwrite=args.overwrite)
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """--out, --slim, --model and --prompts before the models load or a progress bar starts: one line, exit 2."""
+    from exporter.publish import check_can_create, check_model, check_prompts_file
+    from uniforget.errors import UniforgetError
+
+    check_can_create(args.out, "--out")
+    if args.out.exists() and not args.overwrite:
+        raise UniforgetError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    if not (args.slim / "uniforget_plan.json").is_file():
+        raise UniforgetError(f"--slim {args.slim} is not a slim UNet folder (no uniforget_plan.json; "
+                             "`uniforget prune --out` writes one)")
+    check_model(args.model)
+    if args.prompts is not None:
+        check_prompts_file(args.prompts)
+
+
 def run(args: argparse.Namespace) -> int:
     req = _request(args)
+    check_paths(args)
     quiet_libraries(getattr(args, "verbose", 0))
     result = run_retrain(req) if args.no_progress else _with_progress(req)
     s = result.summary

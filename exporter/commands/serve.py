@@ -6,19 +6,22 @@ import argparse
 import signal
 from pathlib import Path
 
+from exporter.argtypes import int_between, positive_float
+from exporter.commands import STAGE_HELP
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "serve", help="serve a Triton model repository on loopback (HTTP)",
+        "serve", help=STAGE_HELP["serve"],
         description="Start tritonserver on 127.0.0.1 (HTTP only), wait until the models are ready, print the "
                     "endpoint, and stop it cleanly on Ctrl-C / SIGTERM.")
     p.add_argument("--repo", type=Path, required=True, help="model repository (e.g. engines/NAME/triton)")
-    p.add_argument("--http-port", type=int, default=8000, help="HTTP port on 127.0.0.1 (0: pick a free one)")
+    p.add_argument("--http-port", type=int_between(0, 65535), default=8000, help="HTTP port on 127.0.0.1 (0: pick a free one)")
     p.add_argument("--models", nargs="+", help="models to load (default: every one this server can run)")
     p.add_argument("--python-env", type=Path, help="venv with nvidia-pytriton (default: .venv-triton)")
     p.add_argument("--server", type=Path, help="another tritonserver binary (e.g. /opt/tritonserver/bin/tritonserver)")
     p.add_argument("--backend-dir", type=Path, help="its backends folder (default: beside the binary)")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds to wait for readiness")
     return p
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from exporter.commands import quiet_libraries
+from exporter.argtypes import count_or_zero, nonnegative_float, positive_float, positive_int
+from exporter.commands import STAGE_HELP, quiet_libraries
 from uniforget.evaluate import EvalConfig, ValidateOptions, table_rows, validate
 
 
@@ -17,7 +18,7 @@ def _norms(text: str) -> tuple[float, ...]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "validate", help="memorization and quality measures (copy rate, judge, Wen AUC, perturbed triggers)",
+        "validate", help=STAGE_HELP["validate"],
         description="Generate for the memorized captions and held-out neutral prompts; print copy rate, nearest-"
                     "neighbour identity, SSIM, judge accuracy, neutral copies, Wen noise-norm AUC and copy rates "
                     "under perturbed trigger embeddings. With --masks: before and after gating, plus drift.")
@@ -28,25 +29,53 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--spec", help="toy dataset spec JSON (default: the shipped one)")
     p.add_argument("--prompts", help="evaluation prompts for any model: JSON with 'neutral' prompts and 'memorized' "
                                      "captions, each with an optional reference 'image' (overrides --spec)")
-    p.add_argument("--empty-seeds", type=int, default=48,
+    p.add_argument("--empty-seeds", type=count_or_zero, default=48,
                    help="empty-prompt generations for the global-mode check (default 48; 0 = skip)")
     p.add_argument("--judge", help="judge folder (default: beside the model, else the shipped one)")
-    p.add_argument("--seeds", type=int, default=8, help="seeds per memorized caption (default 8)")
-    p.add_argument("--neutral-seeds", type=int, default=1, help="seeds per neutral prompt (default 1)")
-    p.add_argument("--neutral-prompts", type=int, default=None, help="use this many held-out neutral prompts (default all)")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's own, else 20)")
-    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's own, else 5)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seeds", type=positive_int, default=8, help="seeds per memorized caption (default 8)")
+    p.add_argument("--neutral-seeds", type=positive_int, default=1, help="seeds per neutral prompt (default 1)")
+    p.add_argument("--neutral-prompts", type=positive_int, default=None, help="use this many held-out neutral prompts (default all)")
+    p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the model's own, else 20)")
+    p.add_argument("--guidance", type=nonnegative_float, default=None, help="guidance scale (default: the model's own, else 5)")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--perturb", type=_norms, default=(0.05, 0.1, 0.2),
                    help="relative norms of random trigger-embedding perturbations (default 0.05,0.1,0.2; '' = none)")
-    p.add_argument("--optimized-norm", type=float, default=0.1, help="norm ball of the optimized perturbation")
+    p.add_argument("--optimized-norm", type=positive_float, default=0.1, help="norm ball of the optimized perturbation")
     p.add_argument("--no-optimized", action="store_true", help="skip the optimized perturbation")
     p.add_argument("--json", dest="json_path", help="write every number to this JSON file")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a pickle checkpoint you trust")
     return p
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Every input and the --json output before the model loads: one line, exit 2."""
+    from pathlib import Path
+
+    from exporter.publish import check_can_write_file, check_input_file, check_model
+    from uniforget.errors import UniforgetError
+    from uniforget.eval_prompts import read_eval_prompts
+
+    if args.json_path:
+        check_can_write_file(Path(args.json_path), "--json")
+    check_model(args.model)
+    if args.masks:
+        check_input_file(args.masks, "--masks", safetensors=True)
+    for slim in args.slim:
+        if not (Path(slim) / "uniforget_plan.json").is_file():
+            raise UniforgetError(f"--slim {slim} is not a slim UNet folder (no uniforget_plan.json)")
+    if args.spec:
+        check_input_file(args.spec, "--spec")
+    if args.judge and not Path(args.judge).is_dir():
+        raise UniforgetError(f"--judge folder not found: {args.judge}")
+    if args.prompts:
+        try:
+            read_eval_prompts(args.prompts)
+        except UniforgetError as e:
+            raise UniforgetError(f"--prompts: {e}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    check_paths(args)
     from rich.console import Console
 
     from exporter.tables import fitted_table

@@ -173,3 +173,80 @@ def test_stage_hides_library_loading_bars_unless_vv(tiny_model_dir, tiny_masks, 
 
     assert "Loading pipeline components" in prune("-vv", out="loud"), "diffusers no longer draws the bar: rewrite"
     assert "Loading pipeline components" not in prune(out="quiet")
+
+
+# ------------------------------------------------------------------------------ stages: paths before work
+
+def _refusal(argv: list[str], capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_stage_outputs_that_cannot_be_written_are_refused_before_work(tmp_path, a_file, capsys):
+    existing = tmp_path / "masks.safetensors"
+    existing.write_bytes(b"x")
+    cases = [
+        (["learn", "--out", "/proc/x/m.safetensors"], "cannot create --out"),
+        (["learn", "--out", str(tmp_path)], "is a folder"),
+        (["learn", "--out", str(existing)], "already exists; pass --overwrite"),
+        (["learn", "--out", str(tmp_path / "m.safetensors"), "--history", str(a_file / "h.jsonl")], "--history"),
+        (["plan", "--masks", "m", "--ratio", "0.05", "--out", str(existing)], "already exists; pass --overwrite"),
+        (["plan", "--masks", "m", "--ratio", "0.05", "--out", "/proc/x/plan.json"], "cannot create --out"),
+        (["retrain", "--slim", str(tmp_path), "--out", "/proc/x/y"], "cannot create --out"),
+        (["validate", "--json", str(tmp_path)], "--json"),
+        (["bench", "--slim", str(tmp_path), "--json", str(a_file / "x.json")], "--json"),
+    ]
+    for argv, needle in cases:
+        assert needle in _refusal(argv, capsys), argv
+    assert existing.read_bytes() == b"x" and not list(tmp_path.glob("*.partial"))
+
+
+def test_stage_inputs_are_checked_before_the_model_loads(tmp_path, a_file, capsys):
+    bad_json = tmp_path / "eval.json"
+    bad_json.write_text('{"neutral": "a red cube", "memorized": "x"}')
+    cases = [
+        (["plan", "--masks", str(a_file), "--ratio", "0.05", "--out", str(tmp_path / "p.json")],
+         "--masks: "),
+        (["plan", "--masks", str(tmp_path), "--ratio", "0.05", "--out", str(tmp_path / "p.json")], "is a folder"),
+        (["prune", "--masks", str(a_file), "--out", str(tmp_path / "slim")], "give --masks and --ratio, or --plan"),
+        (["validate", "--prompts", str(bad_json)], "--prompts: "),
+        (["validate", "--judge", str(tmp_path / "nope")], "--judge folder not found"),
+        (["learn", "--out", str(tmp_path / "m.safetensors"), "--model", "no/such/model"], "--model not found"),
+        (["retrain", "--slim", str(tmp_path), "--out", str(tmp_path / "rt")], "not a slim UNet folder"),
+        (["build", "--out", str(tmp_path), "--onnx", str(a_file), "--triton"], "not a readable ONNX model"),
+        (["build", "--out", str(tmp_path), "--onnx", str(tmp_path), "--triton"], "is a folder"),
+    ]
+    for argv, needle in cases:
+        assert needle in _refusal(argv, capsys), argv
+    assert not (tmp_path / "triton").exists()
+
+
+def test_logging_options_after_the_stage(capsys):
+    err = _refusal(["plan", "-q", "--masks", "no/such/m.safetensors", "--ratio", "0.05"], capsys)
+    assert "--masks file not found" in err
+
+
+@pytest.mark.parametrize("stage", ["learn", "plan", "prune", "retrain", "export", "build", "validate", "bench",
+                                   "serve"])
+def test_stage_help_fits_80_columns(stage, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as e:
+        main([stage, "--help"])
+    out = capsys.readouterr().out.splitlines()
+    assert e.value.code == 0 and len(out) > 5
+    assert max(len(line) for line in out) <= 80, max(out, key=len)
+
+
+def test_one_shot_parses_eval_prompts_and_masks_before_any_stage(tmp_path, a_file):
+    bad = tmp_path / "eval.json"
+    bad.write_text('{"neutral": [1, 2], "memorized": [{"caption": "x"}]}')
+    res, err = _one_shot("--ratio", "0.05", "--eval-prompts", str(bad), "--out", str(tmp_path / "out"))
+    assert res["rc"] == 2 and res["heavy"] == [], err
+    assert len(err) == 1 and err[0].startswith("error: --eval-prompts: ") and "'neutral'" in err[0], err
+    res, err = _one_shot("--ratio", "0.05", "--masks", str(a_file), "--out", str(tmp_path / "out"))
+    assert res["rc"] == 2 and res["heavy"] == [], err
+    assert len(err) == 1 and "--masks: " in err[0] and "safetensors" in err[0], err
+    assert not (tmp_path / "out").exists()

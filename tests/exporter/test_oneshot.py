@@ -227,7 +227,7 @@ def test_preflight_refusals(tiny_model_dir, tmp_path):
             oneshot.preflight(replace(base, align=bad))
     with pytest.raises(ExportError, match="--eval-prompts"):
         oneshot.preflight(replace(base, eval_prompts=tmp_path / "none.json"))
-    with pytest.raises(ExportError, match="--prompts: prompt file not found"):
+    with pytest.raises(ExportError, match="--prompts file not found"):
         oneshot.preflight(replace(base, prompts=tmp_path / "none.txt"))
     (tmp_path / "empty.txt").write_text("# only a comment\n")
     with pytest.raises(ExportError, match="--prompts: .* holds no prompts"):

@@ -182,7 +182,16 @@ def test_cli_export(unet_dir, tmp_path, capsys):
     assert main(["-q", "export", "--unet", str(unet_dir), "--out", str(out), "--opset", "18", "--fast-fold"]) == 0
     summary = json.loads((out / "export.json").read_text())
     assert summary["unet"]["opset"] == 18 and summary["unet_parity"]["passed"] is True
+    assert summary["unet"]["path"] == str(out / "unet.onnx")  # where it was published, not the staging folder
     assert (out / "unet.onnx").is_file()
+    capsys.readouterr()
+    assert main(["-q", "export", "--unet", str(unet_dir), "--out", str(out), "--fast-fold"]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    # a failed gate (no tolerance at all) leaves the published export as it was and no staging folder behind
+    assert main(["-q", "export", "--unet", str(unet_dir), "--out", str(out), "--fast-fold", "--overwrite",
+                 "--atol", "0"]) == 2
+    assert json.loads((out / "export.json").read_text()) == summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
 
 
 @pytest.mark.parametrize("case", ["opset", "not_unet", "unwritable"])

@@ -316,13 +316,16 @@ def test_cli_learn_end_to_end(pipe_dir, tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--beta", "loud"], "beta"),
     (["--targets", "ffn,convs"], "targets"),
-    (["--prompts", "/nonexistent/prompts.txt"], "prompt file not found"),
-    (["--sampler-steps", "0"], "sampler steps"),
+    (["--prompts", "/nonexistent/prompts.txt"], "--prompts file not found"),
+    (["--sampler-steps", "0"], "argument --sampler-steps: must be >= 1"),
 ])
 def test_cli_bad_input_exits_2(pipe_dir, tmp_path, capsys, extra, message):
     out = tmp_path / "masks.safetensors"
-    rc = main(["learn", "--model", str(pipe_dir), "--out", str(out), "--steps", "1", "--batch", "2",
-               "--no-progress", "--device", "cpu", *extra])
+    try:
+        rc = main(["learn", "--model", str(pipe_dir), "--out", str(out), "--steps", "1", "--batch", "2",
+                   "--no-progress", "--device", "cpu", *extra])
+    except SystemExit as e:  # refused while parsing
+        rc = e.code
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]

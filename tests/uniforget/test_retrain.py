@@ -277,11 +277,15 @@ def test_cli_zero_steps_copies_slim(saved, tmp_path):
     (["--steps", "-1"], "steps"),
     (["--lr", "0"], "lr"),
     (["--drift-prompts", "8"], "holds out every one"),
-    (["--prompts", "/nonexistent/prompts.txt"], "prompt file not found"),
+    (["--prompts", "/nonexistent/prompts.txt"], "--prompts file not found"),
 ])
 def test_cli_bad_input_exits_2(saved, tmp_path, capsys, extra, message):
     out = tmp_path / "o"
-    assert main([*_argv(saved, out), "--no-progress", *extra]) == 2
+    try:
+        rc = main([*_argv(saved, out), "--no-progress", *extra])
+    except SystemExit as e:  # refused while parsing
+        rc = e.code
+    assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()

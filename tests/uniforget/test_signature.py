@@ -96,7 +96,7 @@ def test_eval_file_for_any_model(tmp_path, pipe):
     f.write_text(json.dumps({"neutral": [], "memorized": []}))
     from uniforget.errors import UniforgetError
 
-    with pytest.raises(UniforgetError, match="at least one"):
+    with pytest.raises(UniforgetError, match="'neutral' must be a non-empty list"):
         EvalData.from_file(f, 32)
 
 
