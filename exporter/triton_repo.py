@@ -200,7 +200,9 @@ def validate_repository(repo: Path) -> dict[str, Any]:
     """Parse every `<model>/config.pbtxt` and check the name and version folder; returns {name: ModelConfig}."""
     repo = Path(repo)
     if not repo.is_dir():
-        raise ValidationError(f"model repository not found: {repo}", [str(repo)])
+        why = f"model repository {repo} is a file, not a folder" if repo.exists() else \
+            f"model repository not found: {repo}"
+        raise ValidationError(why, [str(repo)])
     configs, problems = {}, []
     for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
         pbtxt = model_dir / "config.pbtxt"

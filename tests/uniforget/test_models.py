@@ -68,4 +68,4 @@ def test_cli_bad_model_exits_2(tmp_path, capsys):
     rc = main(["validate", "--model", str(tmp_path / "missing")])
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: model not found")
+    assert len(err) == 1 and err[0].startswith("error: --model not found")
