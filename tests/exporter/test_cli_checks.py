@@ -250,3 +250,27 @@ def test_one_shot_parses_eval_prompts_and_masks_before_any_stage(tmp_path, a_fil
     assert res["rc"] == 2 and res["heavy"] == [], err
     assert len(err) == 1 and "--masks: " in err[0] and "safetensors" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+STAGE_PROBE = """
+import json, sys
+from exporter.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as e:
+    rc = e.code
+print(json.dumps({"rc": rc, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["serve", "--repo", "r", "--http-port", "70000"],
+                                  ["build", "--out", "o", "--triton", "--steps", "0"],
+                                  ["export", "--unet", "u", "--out", "o", "--atol", "-1"],
+                                  ["bench", "--slim", "s", "--runs", "5"]], ids=lambda a: " ".join(a))
+def test_light_stages_refuse_without_importing_torch(argv):
+    """Only the stage a command line names is imported, so listing the stages and refusing a light stage's bad
+    option costs a fraction of a second, not torch's import."""
+    proc = subprocess.run([sys.executable, "-c", STAGE_PROBE, *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res == {"rc": 0 if argv == ["--help"] else 2, "torch": False}, proc.stderr
