@@ -6,7 +6,6 @@ import argparse
 
 from exporter.argtypes import count_or_zero, nonnegative_float, positive_float, positive_int
 from exporter.commands import STAGE_HELP, quiet_libraries
-from uniforget.evaluate import EvalConfig, ValidateOptions, table_rows, validate
 
 
 def _norms(text: str) -> tuple[float, ...]:
@@ -79,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from exporter.tables import fitted_table
+    from uniforget.evaluate import EvalConfig, ValidateOptions, table_rows, validate
 
     cfg = EvalConfig(seeds=args.seeds, neutral_seeds=args.neutral_seeds, neutral_prompts=args.neutral_prompts,
                      steps=args.steps, guidance=args.guidance, batch_size=args.batch_size,

@@ -266,7 +266,8 @@ print(json.dumps({"rc": rc, "torch": "torch" in sys.modules}))
 @pytest.mark.parametrize("argv", [["--help"], ["serve", "--repo", "r", "--http-port", "70000"],
                                   ["build", "--out", "o", "--triton", "--steps", "0"],
                                   ["export", "--unet", "u", "--out", "o", "--atol", "-1"],
-                                  ["bench", "--slim", "s", "--runs", "5"]], ids=lambda a: " ".join(a))
+                                  ["bench", "--slim", "s", "--runs", "5"], ["validate", "--batch-size", "0"]],
+                         ids=lambda a: " ".join(a))
 def test_light_stages_refuse_without_importing_torch(argv):
     """Only the stage a command line names is imported, so listing the stages and refusing a light stage's bad
     option costs a fraction of a second, not torch's import."""
