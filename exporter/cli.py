@@ -123,8 +123,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name in STAGES:
         mod = _load_stage(name) if name == chosen else None
-        if mod is None:
-            sp = sub.add_parser(name, help=STAGE_HELP[name] if name != chosen else "(not available yet)")
+        if name != chosen:  # listed for --help, never parsed
+            sp = sub.add_parser(name, help=STAGE_HELP[name])
+        elif mod is None:
+            sp = sub.add_parser(name, help="(not available yet)")
             sp.set_defaults(func=_not_available(name))
         else:
             sp = mod.add_parser(sub)

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import ExportError, MissingDependencyError
-from .publish import check_can_create, check_input_file, check_prompts_file, publish_dir
+from .publish import (
+    check_can_create,
+    check_eval_prompts_file,
+    check_input_file,
+    check_model,
+    check_prompts_file,
+    publish_dir,
+)
 from .report import ReportData, StageRecord, write_report
 
 log = logging.getLogger(__name__)
@@ -223,7 +230,6 @@ def preflight(opts: ExportOptions) -> Path:
     Imports nothing heavy (no torch, diffusers or onnx), so the CLI runs it before anything else and a bad
     option is refused in well under a second.
     """
-    from uniforget.models import resolve_model_path
 
     out = Path(opts.out or default_out(opts))
     if out.exists() and not opts.force:
@@ -259,23 +265,13 @@ def preflight(opts: ExportOptions) -> Path:
                           "--tune-weights` are found with their tuned UNet beside them)")
     if opts.masks is not None:
         check_input_file(opts.masks, "--masks", safetensors=True)
-    model_path = resolve_model_path(opts.model)
-    if not Path(model_path).exists():
-        hint = (" (the embedded toy is not installed in this checkout: train it with scripts/train_toy.py)"
-                if opts.model in ("toy", None) else "")
-        raise ExportError(f"model not found: {model_path}{hint}")
+    check_model(opts.model)
     if opts.eval_spec is not None and not Path(opts.eval_spec).is_file():
         raise ExportError(f"--eval-spec file not found: {opts.eval_spec}")
     if opts.prompts is not None:
         check_prompts_file(opts.prompts)
     if opts.eval_prompts is not None:  # parsed and checked now, not after every stage before validation ran
-        from uniforget.errors import UniforgetError
-        from uniforget.eval_prompts import read_eval_prompts
-
-        try:
-            read_eval_prompts(opts.eval_prompts)
-        except UniforgetError as e:
-            raise ExportError(f"--eval-prompts: {e}") from e
+        check_eval_prompts_file(opts.eval_prompts, "--eval-prompts")
     return out
 
 

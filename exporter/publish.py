@@ -28,12 +28,15 @@ def publish_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def check_can_create(out: Path, option: str = "--out") -> None:
-    """Refuse, before any work, an output folder that cannot be created: a path that is a file, an ancestor that
-    is a file, or a folder where nothing can be written (read-only, /proc, no permission)."""
+def check_can_create(out: Path, option: str = "--out", *, replace: bool = True) -> None:
+    """Refuse, before any work, an output folder that cannot be created: a path that is a file, an existing
+    folder when `replace` is false (the option's --overwrite not given), an ancestor that is a file, or a folder
+    where nothing can be written (read-only, /proc, no permission)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{option} {out} is a file, not a folder; choose another {option}")
+    if out.exists() and not replace:
+        raise ExportError(f"{option} {out} already exists; pass --overwrite to replace it")
     _probe_ancestor(out, option)
 
 
@@ -94,9 +97,31 @@ def check_prompts_file(path: Path | str, option: str = "--prompts") -> None:
         raise ExportError(f"{option}: {e}") from None
 
 
-def check_model(model: str, option: str = "--model") -> None:
+def check_model(model: str | None, option: str = "--model") -> None:
     """'toy' or a path that exists (a pipeline folder or a checkpoint file); what it holds is checked on load."""
     from uniforget.models import resolve_model_path
 
-    if not Path(resolve_model_path(model)).exists():
-        raise ExportError(f"{option} not found: {model}")
+    path = Path(resolve_model_path(model))
+    if not path.exists():
+        hint = (" (the embedded toy is not installed in this checkout: train it with scripts/train_toy.py)"
+                if model in ("toy", None) else "")
+        raise ExportError(f"{option} not found: {path}{hint}")
+
+
+def check_eval_prompts_file(path: Path | str, option: str) -> None:
+    """An evaluation-prompts JSON file (uniforget.eval_prompts) that parses and whose images exist."""
+    from uniforget.errors import UniforgetError
+    from uniforget.eval_prompts import read_eval_prompts
+
+    try:
+        read_eval_prompts(path)
+    except UniforgetError as e:
+        raise ExportError(f"{option}: {e}") from None
+
+
+def check_slim_folder(path: Path | str, option: str) -> None:
+    """A slim UNet folder as `uniforget prune --out` writes it (its plan file is the mark); the weights are
+    checked when it loads."""
+    if not (Path(path) / "uniforget_plan.json").is_file():
+        raise ExportError(f"{option} {path} is not a slim UNet folder (no uniforget_plan.json; "
+                          "`uniforget prune --out` writes one)")

@@ -26,9 +26,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--fp16", action="store_true", help="torch runtimes in fp16 (GPU)")
     p.add_argument("--batch", type=positive_int, default=2)
-    p.add_argument("--size", type=positive_int, default=None, help="latent height = width (default: the UNet's sample_size)")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="latent height = width (default: the UNet's sample_size)")
     p.add_argument("--seq-len", type=positive_int, default=77)
-    p.add_argument("--runs", type=int_at_least(20, 'for a stable p95 and ratio interval'), default=20, help="least interleaved rounds (one call of each model per round)")
+    p.add_argument("--runs", type=int_at_least(20, "for a stable p95 and ratio interval"), default=20,
+                   help="least interleaved rounds (one call of each model per round)")
     p.add_argument("--max-runs", type=positive_int, default=None, help="most rounds (default 3 x --runs)")
     p.add_argument("--ci", type=positive_float, default=0.02,
                    help="stop adding rounds once the ratio's 95%% interval is within +- this (default 0.02)")
@@ -89,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from exporter.commands import quiet_libraries
     from exporter.errors import ExportError
     from uniforget.plan import load_source_unet
+
     slim_dir = args.slim / "unet" if (args.slim / "unet" / "uniforget_plan.json").is_file() else args.slim
     if not (slim_dir / "uniforget_plan.json").is_file():
         raise ExportError(f"{args.slim} is neither an export folder (unet/uniforget_plan.json) nor a slim UNet folder")

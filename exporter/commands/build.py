@@ -41,14 +41,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--rtol", type=nonnegative_float, default=1e-2, help="parity rtol vs ONNX Runtime fp32")
     t.add_argument("--atol", type=nonnegative_float, default=5e-3, help="parity atol vs ONNX Runtime fp32")
     r = p.add_argument_group("Triton")
-    r.add_argument("--max-batch-size", type=int_at_least(0, '0 = batching off'), default=0, help="Triton batching along dim 0 (0: off)")
+    r.add_argument("--max-batch-size", type=int_at_least(0, "0 = batching off"), default=0,
+                   help="Triton batching along dim 0 (0: off)")
     r.add_argument("--dynamic-batching", action="store_true", help="let Triton merge requests (needs batching)")
     r.add_argument("--max-queue-delay-us", type=int_at_least(0), default=100)
     r.add_argument("--instances", type=positive_int, default=1, help="model instances per device")
     r.add_argument("--instance-kind", choices=("cpu", "gpu", "auto"), default="cpu")
     r.add_argument("--steps", type=positive_int, default=20, help="pipeline model's default sampler steps")
     r.add_argument("--guidance-scale", type=nonnegative_float, default=7.5, help="pipeline model's default guidance")
-    r.add_argument("--threads", type=int_at_least(0, '0 = ONNX Runtime default'), default=0, help="ONNX Runtime threads in the pipeline model (0: default)")
+    r.add_argument("--threads", type=int_at_least(0, "0 = ONNX Runtime default"), default=0,
+                   help="ONNX Runtime threads in the pipeline model (0: default)")
     r.add_argument("--pipeline-unet", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
                    help="runtime of the UNet inside the pipeline model")
     r.add_argument("--python-env", type=Path, help="EXECUTION_ENV_PATH for the Python backend (default .venv-triton)")

@@ -24,8 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "(automatic above 2 GB)")
     p.add_argument("--fast-fold", action="store_true", help="onnx's shape inference while folding constants "
                    "instead of ONNX Runtime's symbolic one: ~3x faster export, ~10%% more shape nodes left")
-    p.add_argument("--atol", type=nonnegative_float, default=None, help="parity tolerance (default 1e-4 fp32, 5e-2 fp16)")
-    p.add_argument("--rtol", type=nonnegative_float, default=None, help="relative parity tolerance (default 0 fp32, 5e-2 fp16)")
+    p.add_argument("--atol", type=nonnegative_float, default=None,
+                   help="parity tolerance (default 1e-4 fp32, 5e-2 fp16)")
+    p.add_argument("--rtol", type=nonnegative_float, default=None,
+                   help="relative parity tolerance (default 0 fp32, 5e-2 fp16)")
     p.add_argument("--pipeline", metavar="MODEL", default=None,
                    help="also export text encoder + this UNet + VAE decoder of MODEL (pipeline folder or 'toy')")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -33,17 +35,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from exporter.errors import ExportError
     from exporter.onnx_export import FP16_TOLERANCE, ExportRequest, OnnxExportOptions, run_export
     from exporter.parity import Tolerance
-    from exporter.publish import check_can_create
-    from uniforget.models import resolve_model_path
+    from exporter.publish import check_can_create, check_model
 
-    check_can_create(args.out, "--out")  # before the UNet is loaded and traced
-    if args.out.is_dir() and any(args.out.iterdir()) and not args.overwrite:
-        raise ExportError(f"--out {args.out} already exists; pass --overwrite to replace it")
-    if args.pipeline is not None and not Path(resolve_model_path(args.pipeline)).exists():
-        raise ExportError(f"--pipeline model not found: {args.pipeline}")
+    check_can_create(args.out, "--out")  # before the UNet is loaded and traced; run_export refuses an existing one
+    if args.pipeline is not None:
+        check_model(args.pipeline, "--pipeline")
     options = OnnxExportOptions(opset=args.opset, fp16=args.fp16, external_data=True if args.external_data else None,
                                 symbolic_shapes=not args.fast_fold)
     tol = None

@@ -70,10 +70,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
                    help="autocast dtype for the UNet (bf16 on GPUs; fp16 has no loss scaling)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpoint-every", type=count_or_zero, default=50, metavar="K", help="save resumable state every K steps")
+    p.add_argument("--checkpoint-every", type=count_or_zero, default=50, metavar="K",
+                   help="save resumable state every K steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--device", choices=("cpu",), default=None, help="force CPU (default: accelerate's choice)")
-    p.add_argument("--history", type=Path, default=None, help="write per-step loss parts and closed shares (JSON lines)")
+    p.add_argument("--history", type=Path, default=None,
+                   help="write per-step loss parts and closed shares (JSON lines)")
     p.add_argument("--drift-prompts", type=count_or_zero, default=16,
                    help="measure the final gates' neutral drift on this many training prompts (0 = skip)")
     p.add_argument("--controls", action="store_true",

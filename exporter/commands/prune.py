@@ -40,9 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plan is None and (args.masks is None or args.ratio is None):
         raise PlanError("give --masks and --ratio, or --plan")
-    check_can_create(args.out, "--out")  # before the model is loaded
-    if args.out.exists() and not args.overwrite:
-        raise PlanError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    check_can_create(args.out, "--out", replace=args.overwrite)  # before the model is loaded
     check_sources(args)
     if args.plan is not None:
         check_input_file(args.plan, "--plan")

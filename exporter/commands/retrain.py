@@ -32,11 +32,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="the original model the slim UNet was cut from: 'toy', a diffusers folder or a .safetensors file")
     p.add_argument("--prompts", type=Path, default=None,
                    help="neutral prompts, one per line (default: the toy's training prompts, else a shipped generic list)")
-    p.add_argument("--steps", type=int_at_least(0, '0 = copy the slim UNet unchanged'), default=d.steps, help="optimizer steps (0 = copy the slim UNet unchanged)")
+    p.add_argument("--steps", type=int_at_least(0, "0 = copy the slim UNet unchanged"), default=d.steps,
+                   help="optimizer steps (0 = copy the slim UNet unchanged)")
     p.add_argument("--lr", type=positive_float, default=d.lr, help="peak learning rate (cosine annealed)")
     p.add_argument("--lr-min", type=nonnegative_float, default=d.lr_min, help="cosine floor")
-    p.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay, help="AdamW decoupled weight decay")
-    p.add_argument("--batch", type=positive_int, default=d.batch, help="trajectories per step (global, across processes)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay,
+                   help="AdamW decoupled weight decay")
+    p.add_argument("--batch", type=positive_int, default=d.batch,
+                   help="trajectories per step (global, across processes)")
     p.add_argument("--sampler-steps", type=positive_int, default=d.sampler_steps,
                    help="N: sampler steps of the trajectory (the noise objective draws its states from it)")
     p.add_argument("--guidance-scale", type=nonnegative_float, default=None,
@@ -49,7 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--drift-prompts", type=count_or_zero, default=4,
                    help="neutral prompts held out of the retrain to measure drift before/after on (0 = skip)")
-    p.add_argument("--checkpoint-every", type=count_or_zero, default=50, metavar="K", help="save resumable state every K steps")
+    p.add_argument("--checkpoint-every", type=count_or_zero, default=50, metavar="K",
+                   help="save resumable state every K steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint beside --out")
     p.add_argument("--device", choices=("cpu",), default=None, help="force CPU (default: accelerate's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -71,15 +75,10 @@ def _request(args: argparse.Namespace) -> RetrainRequest:
 
 def check_paths(args: argparse.Namespace) -> None:
     """--out, --slim, --model and --prompts before the models load or a progress bar starts: one line, exit 2."""
-    from exporter.publish import check_can_create, check_model, check_prompts_file
-    from uniforget.errors import UniforgetError
+    from exporter.publish import check_can_create, check_model, check_prompts_file, check_slim_folder
 
-    check_can_create(args.out, "--out")
-    if args.out.exists() and not args.overwrite:
-        raise UniforgetError(f"--out {args.out} already exists; pass --overwrite to replace it")
-    if not (args.slim / "uniforget_plan.json").is_file():
-        raise UniforgetError(f"--slim {args.slim} is not a slim UNet folder (no uniforget_plan.json; "
-                             "`uniforget prune --out` writes one)")
+    check_can_create(args.out, "--out", replace=args.overwrite)
+    check_slim_folder(args.slim, "--slim")
     check_model(args.model)
     if args.prompts is not None:
         check_prompts_file(args.prompts)

@@ -16,7 +16,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Start tritonserver on 127.0.0.1 (HTTP only), wait until the models are ready, print the "
                     "endpoint, and stop it cleanly on Ctrl-C / SIGTERM.")
     p.add_argument("--repo", type=Path, required=True, help="model repository (e.g. engines/NAME/triton)")
-    p.add_argument("--http-port", type=int_between(0, 65535), default=8000, help="HTTP port on 127.0.0.1 (0: pick a free one)")
+    p.add_argument("--http-port", type=int_between(0, 65535), default=8000,
+                   help="HTTP port on 127.0.0.1 (0: pick a free one)")
     p.add_argument("--models", nargs="+", help="models to load (default: every one this server can run)")
     p.add_argument("--python-env", type=Path, help="venv with nvidia-pytriton (default: .venv-triton)")
     p.add_argument("--server", type=Path, help="another tritonserver binary (e.g. /opt/tritonserver/bin/tritonserver)")

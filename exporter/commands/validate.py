@@ -33,9 +33,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--judge", help="judge folder (default: beside the model, else the shipped one)")
     p.add_argument("--seeds", type=positive_int, default=8, help="seeds per memorized caption (default 8)")
     p.add_argument("--neutral-seeds", type=positive_int, default=1, help="seeds per neutral prompt (default 1)")
-    p.add_argument("--neutral-prompts", type=positive_int, default=None, help="use this many held-out neutral prompts (default all)")
+    p.add_argument("--neutral-prompts", type=positive_int, default=None,
+                   help="use this many held-out neutral prompts (default all)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampler steps (default: the model's own, else 20)")
-    p.add_argument("--guidance", type=nonnegative_float, default=None, help="guidance scale (default: the model's own, else 5)")
+    p.add_argument("--guidance", type=nonnegative_float, default=None,
+                   help="guidance scale (default: the model's own, else 5)")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--perturb", type=_norms, default=(0.05, 0.1, 0.2),
                    help="relative norms of random trigger-embedding perturbations (default 0.05,0.1,0.2; '' = none)")
@@ -50,9 +52,14 @@ def check_paths(args: argparse.Namespace) -> None:
     """Every input and the --json output before the model loads: one line, exit 2."""
     from pathlib import Path
 
-    from exporter.publish import check_can_write_file, check_input_file, check_model
+    from exporter.publish import (
+        check_can_write_file,
+        check_eval_prompts_file,
+        check_input_file,
+        check_model,
+        check_slim_folder,
+    )
     from uniforget.errors import UniforgetError
-    from uniforget.eval_prompts import read_eval_prompts
 
     if args.json_path:
         check_can_write_file(Path(args.json_path), "--json")
@@ -60,17 +67,13 @@ def check_paths(args: argparse.Namespace) -> None:
     if args.masks:
         check_input_file(args.masks, "--masks", safetensors=True)
     for slim in args.slim:
-        if not (Path(slim) / "uniforget_plan.json").is_file():
-            raise UniforgetError(f"--slim {slim} is not a slim UNet folder (no uniforget_plan.json)")
+        check_slim_folder(slim, "--slim")
     if args.spec:
         check_input_file(args.spec, "--spec")
     if args.judge and not Path(args.judge).is_dir():
         raise UniforgetError(f"--judge folder not found: {args.judge}")
     if args.prompts:
-        try:
-            read_eval_prompts(args.prompts)
-        except UniforgetError as e:
-            raise UniforgetError(f"--prompts: {e}") from None
+        check_eval_prompts_file(args.prompts, "--prompts")
 
 
 def run(args: argparse.Namespace) -> int:
