@@ -37,13 +37,17 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .configs import LearnConfig
 from .errors import UniforgetError
-from .learn import DriftMeter, LearnConfig, StepStats, kind_summary, learn_masks
-from .masks import MaskSet
-from .sampler import Conditioning
+
+if TYPE_CHECKING:  # the ladder loop imports learn (and torch) when it runs: parsing --ladder/--budget needs neither
+    from .learn import StepStats
+    from .masks import MaskSet
+    from .sampler import Conditioning
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +167,8 @@ def calibrate(unet: object, scheduler: object, cond_learn: Conditioning, cond_ho
 
     `cfg` is the learning config of the first rung (its beta is replaced by each rung's); `callback(rung, stats)`
     runs after every step."""
+    from .learn import DriftMeter, kind_summary, learn_masks
+
     rung_steps = cal.rung_steps or max(1, cfg.steps // 2)
     meter = DriftMeter(unet, scheduler, cond_holdout, cfg.sampler, seed=cfg.seed + 7, height=cfg.height,
                        width=cfg.width, seeds_per_prompt=cal.drift_seeds)

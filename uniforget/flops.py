@@ -9,35 +9,14 @@ attention kernel is not counted at all). Convention: 2 FLOPs per multiply-accumu
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .configs import ReferenceShape as ReferenceShape  # re-exported
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReferenceShape:
-    """The UNet input the FLOP counts refer to: batch, latent height/width, text sequence length."""
-
-    batch: int = 1
-    height: int = 64
-    width: int = 64
-    seq_len: int = 77
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    @classmethod
-    def for_unet(cls, unet: nn.Module, batch: int = 1, seq_len: int = 77) -> ReferenceShape:
-        """Batch 1 (by default) at the UNet's native latent size."""
-        s = int(unet.config.sample_size)
-        return cls(batch=batch, height=s, width=s, seq_len=seq_len)
-
-    def describe(self) -> str:
-        return f"batch {self.batch}, latent {self.height}x{self.width}, {self.seq_len} text tokens"
 
 
 def meta_copy(unet: nn.Module) -> nn.Module:

@@ -13,33 +13,12 @@ With these constants a gate is exactly 0 for M <= 0.120 and exactly 1 for M >= 0
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
+
+from .configs import GateConfig as GateConfig  # re-exported
 
 M_MIN, M_MAX = -0.5, 1.5
 _EPS = 1e-4
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    """Relaxation constants (stored in every MaskSet's metadata so gate values can be recomputed)."""
-
-    lam: float = 0.0
-    alpha: float = 1.0 / 3.0
-    low: float = -0.1
-    high: float = 1.1
-    init: float = 1.0
-    l1_scale: float = 0.4
-    l1_shift: float = 1.0
-
-    def to_meta(self) -> dict[str, str]:
-        return {k: repr(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, str]) -> GateConfig:
-        fields = cls.__dataclass_fields__
-        return cls(**{k: float(meta[k]) for k in fields if k in meta})
 
 
 def hard_concrete(m: torch.Tensor, cfg: GateConfig = GateConfig()) -> torch.Tensor:

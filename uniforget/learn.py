@@ -38,94 +38,27 @@ import numpy as np
 import torch
 
 from .checkpoint import read_state, restore_state, write_state
-from .errors import MaskSetError, UniforgetError
+from .configs import (  # re-exported
+    BETA_PRESETS as BETA_PRESETS,
+    LEARN_PRECISIONS as LEARN_PRECISIONS,
+    OPTIMIZERS as OPTIMIZERS,
+    RECONS as RECONS,
+    LearnConfig as LearnConfig,
+    LearnError as LearnError,
+    parse_beta as parse_beta,
+)
+from .errors import MaskSetError
 from .fingerprint import model_fingerprint
 from .gates import M_MAX, M_MIN, GateConfig, hard_concrete, relaxed_mask
 from .gating import GateSource, attach_gates
 from .masks import MaskSet
 from .sampler import Conditioning, SamplerConfig, latent_shape, sample
-from .targets import KINDS, GateTarget, discover_targets
+from .targets import GateTarget, discover_targets
 
 log = logging.getLogger(__name__)
 
-BETA_PRESETS = {"weak": 1.0, "medium": 2.0, "strong": 5.0}
-OPTIMIZERS = ("adamw", "adam")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-RECONS = ("relative", "absolute")
+PRECISIONS = dict(zip(LEARN_PRECISIONS, (None, torch.bfloat16, torch.float16), strict=True))  # autocast dtypes
 _CKPT_FORMAT = "uniforget.learn-checkpoint/1"
-
-
-class LearnError(UniforgetError):
-    """Mask learning cannot start or resume with the given options, prompts or checkpoint."""
-
-
-def parse_beta(value: str | float) -> float:
-    """'weak' | 'medium' | 'strong' (1, 2, 5 as in the paper) or a non-negative number."""
-    if isinstance(value, str) and value.lower() in BETA_PRESETS:
-        return BETA_PRESETS[value.lower()]
-    try:
-        beta = float(value)
-    except ValueError:
-        raise LearnError(f"--beta must be auto, weak, medium, strong or a number >= 0, got {value!r}") from None
-    if not math.isfinite(beta) or beta < 0:
-        raise LearnError(f"--beta must be a finite number >= 0, got {value!r}")
-    return beta
-
-
-@dataclass(frozen=True)
-class LearnConfig:
-    """Everything that determines the learned MaskSet (a resumed run must use the same values)."""
-
-    beta: float = 2.0
-    steps: int = 300
-    lr: float = 0.05              # METHOD.md: 0.5 prunes massively, 0.05 + cosine gave graded results
-    lr_min: float = 0.0           # cosine annealing floor
-    optimizer: str = "adamw"      # "adamw" = decoupled decay (default); "adam" = the paper's coupled decay
-    weight_decay: float = 0.0
-    batch: int = 8                # global batch (split across processes under accelerate)
-    kinds: tuple[str, ...] = KINDS
-    sampler: SamplerConfig = SamplerConfig()
-    seed: int = 0
-    precision: str = "fp32"       # autocast dtype for the UNet: fp32 | bf16 | fp16
-    height: int | None = None     # latent size; None = the UNet's sample_size
-    width: int | None = None
-    gate_config: GateConfig = GateConfig()
-    recon: str = "relative"       # reconstruction term / var(original latents) ("absolute": the paper's raw MSE)
-    weight_lr: float = 0.0        # 0 = the paper's recipe (weights frozen); > 0 = also fine-tune a copy of the UNet's
-    # weights at this rate against the frozen original, jointly with the gates (docs/dememorization.md, 0h)
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.recon not in RECONS:
-            problems.append(f"recon must be one of {RECONS} (got {self.recon!r})")
-        if self.steps < 1:
-            problems.append(f"steps must be >= 1 (got {self.steps})")
-        if self.batch < 1:
-            problems.append(f"batch must be >= 1 (got {self.batch})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            problems.append(f"lr must be > 0 (got {self.lr})")
-        if not (self.weight_lr >= 0 and math.isfinite(self.weight_lr)):
-            problems.append(f"weight lr must be a finite number >= 0 (got {self.weight_lr})")
-        if self.weight_decay < 0:
-            problems.append(f"weight decay must be >= 0 (got {self.weight_decay})")
-        if self.beta < 0:
-            problems.append(f"beta must be >= 0 (got {self.beta})")
-        if self.optimizer not in OPTIMIZERS:
-            problems.append(f"optimizer must be one of {OPTIMIZERS} (got {self.optimizer!r})")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {tuple(PRECISIONS)} (got {self.precision!r})")
-        bad = [k for k in self.kinds if k not in KINDS]
-        if bad or not self.kinds:
-            problems.append(f"targets must be a non-empty subset of {KINDS} (got {list(self.kinds)})")
-        if problems:
-            raise LearnError("; ".join(problems))
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d["kinds"] = list(self.kinds)
-        if not self.weight_lr:  # the paper's recipe keeps the identity (and MaskSets) of runs made before the option
-            del d["weight_lr"]
-        return json.dumps(d, sort_keys=True)
 
 
 @dataclass(frozen=True)

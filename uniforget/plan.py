@@ -35,9 +35,15 @@ import torch
 from torch import nn
 
 from . import __version__
+from .configs import (  # re-exported
+    DEFAULT_ALIGN as DEFAULT_ALIGN,
+    Ratio as Ratio,
+    ReferenceShape as ReferenceShape,
+    parse_ratio as parse_ratio,
+)
 from .errors import ModelLoadError, PlanError
 from .fingerprint import model_fingerprint
-from .flops import ReferenceShape, count_flops, meta_copy, param_count
+from .flops import count_flops, meta_copy, param_count
 from .masks import MaskSet
 from .prune import Layout, build_layout, prune_unet
 from .targets import KINDS, discover_targets
@@ -45,8 +51,6 @@ from .targets import KINDS, discover_targets
 log = logging.getLogger(__name__)
 
 FORMAT = "uniforget.plan/1"
-Ratio = float | str
-DEFAULT_ALIGN = 8
 
 
 @dataclass(frozen=True)
@@ -228,24 +232,6 @@ def _from_dict(d: Any) -> PruningPlan:
 
 # ---------------------------------------------------------------------------------------------------------
 # Making a plan
-
-
-def parse_ratio(ratio: Any) -> Ratio:
-    """'auto' or a float in [0, 1); anything else (NaN, 1, -0.1, 'abc', True) is a PlanError."""
-    if isinstance(ratio, str):
-        if ratio.strip().lower() == "auto":
-            return "auto"
-        try:
-            ratio = float(ratio)
-        except ValueError:
-            raise PlanError(f"--ratio must be 'auto' or a number in [0, 1), got {ratio!r}") from None
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-        raise PlanError(f"--ratio must be 'auto' or a number in [0, 1), got {ratio!r}")
-    r = float(ratio)
-    if math.isnan(r) or not 0.0 <= r < 1.0:
-        raise PlanError(f"--ratio must be 'auto' or a number in [0, 1) (a fraction of UNet parameters to remove), "
-                        f"got {ratio!r}")
-    return r
 
 
 def _check_align(align: Any) -> int:

@@ -52,7 +52,12 @@ from torch import nn
 
 from . import __version__
 from .checkpoint import read_state, restore_state, write_state
-from .errors import UniforgetError
+from .configs import (  # re-exported
+    OBJECTIVES as OBJECTIVES,
+    RETRAIN_PRECISIONS as RETRAIN_PRECISIONS,
+    RetrainConfig as RetrainConfig,
+    RetrainError as RetrainError,
+)
 from .fingerprint import model_fingerprint
 from .learn import DriftMeter
 from .sampler import (
@@ -67,71 +72,11 @@ from .sampler import (
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-OBJECTIVES = ("noise", "trajectory")
+PRECISIONS = dict(zip(RETRAIN_PRECISIONS, (None, torch.bfloat16), strict=True))  # autocast dtypes
 REPORT_NAME = "uniforget_retrain.json"
 _REPORT_FORMAT = "uniforget.retrain/1"
 _CKPT_FORMAT = "uniforget.retrain-checkpoint/2"  # /2: uncond + guidance-direction loss
 _BUCKET = 1 << 24  # gradient elements per all-reduce (fewer collectives than one per tensor)
-
-
-class RetrainError(UniforgetError):
-    """The retrain cannot start or resume with the given options, models, prompts or checkpoint."""
-
-
-@dataclass(frozen=True)
-class RetrainConfig:
-    """Everything that determines the retrained weights (a resumed run must use the same values)."""
-
-    steps: int = 200              # "brief"; 0 = return the slim model unchanged
-    lr: float = 1e-5              # fine-tuning rate for pretrained weights (not the masks' 0.05); chosen on
-    # held-out neutral drift: at 1e-5 it fell in every run, at 1e-4 / 3e-5 it rose or stayed (docs, section 0g)
-    lr_min: float = 0.0           # cosine annealing floor
-    weight_decay: float = 0.0     # AdamW's decoupled decay; 0: nothing pulls weights away from the teacher's fit
-    batch: int = 8                # global batch of trajectories (split across processes under accelerate)
-    sampler_steps: int = 6        # N of the sampler run (trajectory) or walked for training states (noise)
-    guidance_scale: float = 7.5   # CFG of the teacher trajectory (run_retrain uses the model's own by default)
-    seed: int = 0
-    precision: str = "fp32"       # autocast dtype for both UNets: fp32 | bf16 (weights stay fp32)
-    objective: str = "trajectory"  # trajectory: N-step final latents | noise: predictions on teacher states
-    # (trajectory is the default because on the toy only it lowered held-out neutral drift: docs/dememorization.md)
-    height: int | None = None     # latent size; None = the UNet's sample_size
-    width: int | None = None
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.steps < 0:
-            problems.append(f"steps must be >= 0 (got {self.steps})")
-        if self.batch < 1:
-            problems.append(f"batch must be >= 1 (got {self.batch})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            problems.append(f"lr must be a finite number > 0 (got {self.lr})")
-        if not (0 <= self.lr_min <= self.lr):
-            problems.append(f"lr floor must be in [0, lr] (got {self.lr_min})")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            problems.append(f"weight decay must be >= 0 (got {self.weight_decay})")
-        if self.sampler_steps < 1:
-            problems.append(f"sampler steps must be >= 1 (got {self.sampler_steps})")
-        if not (self.guidance_scale >= 0 and math.isfinite(self.guidance_scale)):
-            problems.append(f"guidance scale must be a finite number >= 0 (got {self.guidance_scale})")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {tuple(PRECISIONS)} (got {self.precision!r})")
-        if self.objective not in OBJECTIVES:
-            problems.append(f"objective must be one of {OBJECTIVES} (got {self.objective!r})")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                problems.append(f"{name} must be >= 1 (got {v})")
-        if problems:
-            raise RetrainError("; ".join(problems))
-
-    @property
-    def sampler(self) -> SamplerConfig:
-        """The teacher trajectory's sampler (deterministic DDIM-style, eta 0)."""
-        return SamplerConfig(steps=self.sampler_steps, guidance_scale=self.guidance_scale)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
 
 
 @dataclass(frozen=True)

@@ -25,29 +25,12 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .configs import (
+    CHECKPOINTING as CHECKPOINTING,  # re-exported
+    SamplerConfig as SamplerConfig,
+)
+
 log = logging.getLogger(__name__)
-
-CHECKPOINTING = ("none", "step", "unet")
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """How F(z0, N, c) is run. N=6 (not 2) is what targeted memorization in METHOD.md's trial."""
-
-    steps: int = 6                 # N: scheduler steps from pure noise to the final latent
-    guidance_scale: float = 7.5    # classifier-free guidance; <= 1 disables the unconditional branch
-    checkpointing: str = "none"    # "none" | "step" | "unet"
-    eta: float = 0.0               # DDIM eta (0 = deterministic), passed only to schedulers that take it
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"sampler steps must be >= 1, got {self.steps}")
-        if self.checkpointing not in CHECKPOINTING:
-            raise ValueError(f"checkpointing must be one of {CHECKPOINTING}, got {self.checkpointing!r}")
-
-    @property
-    def uses_guidance(self) -> bool:
-        return self.guidance_scale > 1.0
 
 
 @dataclass(frozen=True)

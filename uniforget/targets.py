@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-KINDS = ("heads", "ffn", "norm")
+from .configs import KINDS as KINDS  # re-exported
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exporter.argtypes import count_or_zero, float_open_unit, nonnegative_float, positive_float, positive_int
 from exporter.commands import STAGE_HELP, DocstringFormatter, quiet_libraries
 from uniforget.calibrate import STATISTICS, CalibrationConfig, parse_ladder
-from uniforget.learn import LearnConfig, LearnRequest, LearnResult, StepStats, parse_beta, run_learn
-from uniforget.sampler import CHECKPOINTING, SamplerConfig
-from uniforget.targets import KINDS
+from uniforget.configs import (
+    CHECKPOINTING,
+    KINDS,
+    LEARN_PRECISIONS,
+    LearnConfig,
+    LearnError,
+    SamplerConfig,
+    parse_beta,
+)
+
+if TYPE_CHECKING:
+    from uniforget.learn import LearnRequest, LearnResult, StepStats
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -67,7 +77,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help=f"classifier-free guidance scale (default: the model's own, else {ds.guidance_scale})")
     p.add_argument("--checkpointing", choices=CHECKPOINTING, default=ds.checkpointing,
                    help="activation checkpointing: per sampler step, diffusers' UNet blocks, or none")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d.precision,
+    p.add_argument("--precision", choices=LEARN_PRECISIONS, default=d.precision,
                    help="autocast dtype for the UNet (bf16 on GPUs; fp16 has no loss scaling)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-every", type=count_or_zero, default=50, metavar="K",
@@ -98,7 +108,8 @@ def check_paths(args: argparse.Namespace) -> None:
         check_prompts_file(args.prompts)
 
 
-def _config(args: argparse.Namespace) -> LearnRequest:
+def _configs(args: argparse.Namespace) -> tuple[LearnConfig, CalibrationConfig | None]:
+    """Every option built into its frozen config and checked, with no torch import: a bad one costs milliseconds."""
     kinds = tuple(k.strip() for k in args.targets.split(",") if k.strip())
     cal = None
     if str(args.beta).lower() == "auto":
@@ -109,6 +120,12 @@ def _config(args: argparse.Namespace) -> LearnRequest:
     cfg = LearnConfig(beta=beta, recon=args.recon, steps=args.steps, lr=args.lr, lr_min=args.lr_min,
                       optimizer=args.optimizer, weight_decay=args.weight_decay, batch=args.batch, kinds=kinds,
                       sampler=_sampler(args), seed=args.seed, precision=args.precision, weight_lr=args.tune_weights)
+    return cfg, cal
+
+
+def _request(args: argparse.Namespace, cfg: LearnConfig, cal: CalibrationConfig | None) -> LearnRequest:
+    from uniforget.learn import LearnRequest
+
     return LearnRequest(model=args.model, out=args.out, config=cfg, prompts_file=args.prompts,
                         checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
                         guidance_scale=args.guidance_scale, history=args.history, drift_prompts=args.drift_prompts,
@@ -116,8 +133,6 @@ def _config(args: argparse.Namespace) -> LearnRequest:
 
 
 def _sampler(args: argparse.Namespace) -> SamplerConfig:
-    from uniforget.learn import LearnError
-
     try:
         guidance = SamplerConfig.guidance_scale if args.guidance_scale is None else args.guidance_scale
         return SamplerConfig(steps=args.sampler_steps, guidance_scale=guidance, checkpointing=args.checkpointing)
@@ -126,14 +141,13 @@ def _sampler(args: argparse.Namespace) -> SamplerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    req = _config(args)
+    cfg, cal = _configs(args)
     check_paths(args)
+    req = _request(args, cfg, cal)
     quiet_libraries(getattr(args, "verbose", 0))
-    if args.no_progress:
-        result = run_learn(req)
-    else:
-        result = _with_progress(req)
-    from uniforget.learn import kind_summary
+    from uniforget.learn import kind_summary, run_learn
+
+    result = run_learn(req) if args.no_progress else _with_progress(req)
 
     closed = ", ".join(f"{k} {v:.1%}" for k, v in kind_summary(result.maskset.gate_values())[0].items())
     meta = result.maskset.meta
@@ -160,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _with_progress(req: LearnRequest) -> LearnResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from uniforget.learn import run_learn
 
     cols = (TextColumn("learn"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*cols, transient=False) as bar:

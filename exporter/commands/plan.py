@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exporter.argtypes import int_at_least, positive_int
 from exporter.commands import STAGE_HELP, DocstringFormatter, quiet_libraries
-from uniforget.flops import ReferenceShape
-from uniforget.plan import DEFAULT_ALIGN, PlanRequest, PruningPlan, parse_ratio, plan_from_request
+from uniforget.configs import DEFAULT_ALIGN, ReferenceShape, parse_ratio
+
+if TYPE_CHECKING:
+    from uniforget.plan import PruningPlan
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -97,11 +100,13 @@ def print_plan_table(plan: PruningPlan, title: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from exporter.publish import check_can_write_file
 
+    ratio, ref, align = parse_ratio(args.ratio), reference_shape(args), check_align(args.align)
     check_can_write_file(args.out, "--out", replace=args.overwrite)
     check_sources(args)
     quiet_libraries(getattr(args, "verbose", 0))
-    req = PlanRequest(masks=args.masks, ratio=parse_ratio(args.ratio), model=args.model, unet_dir=args.unet,
-                      reference_shape=reference_shape(args), out=args.out, align=check_align(args.align))
-    plan = plan_from_request(req)
+    from uniforget.plan import PlanRequest, plan_from_request
+
+    plan = plan_from_request(PlanRequest(masks=args.masks, ratio=ratio, model=args.model, unet_dir=args.unet,
+                                         reference_shape=ref, out=args.out, align=align))
     print_plan_table(plan, f"plan (ratio {plan.ratio_requested}) -> {args.out}")
     return 0

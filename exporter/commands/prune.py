@@ -14,8 +14,7 @@ from pathlib import Path
 
 from exporter.argtypes import nonnegative_float
 from exporter.commands import STAGE_HELP, DocstringFormatter, quiet_libraries
-from uniforget.plan import parse_ratio
-from uniforget.slim_io import PruneRequest, prune_to_dir
+from uniforget.configs import parse_ratio
 
 from .plan import add_model_args, check_align, check_sources, print_plan_table, reference_shape
 
@@ -40,16 +39,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.plan is None and (args.masks is None or args.ratio is None):
         raise PlanError("give --masks and --ratio, or --plan")
+    ratio = None if args.ratio is None else parse_ratio(args.ratio)
+    ref, align = reference_shape(args), check_align(args.align)
     check_can_create(args.out, "--out", replace=args.overwrite)  # before the model is loaded
     check_sources(args)
     if args.plan is not None:
         check_input_file(args.plan, "--plan")
-    req = PruneRequest(out=args.out, masks=args.masks,
-                       ratio=None if args.ratio is None else parse_ratio(args.ratio), plan=args.plan,
-                       model=args.model, unet_dir=args.unet, reference_shape=reference_shape(args),
-                       atol=args.atol, overwrite=args.overwrite, plan_out=args.plan_out,
-                       align=check_align(args.align))
     quiet_libraries(getattr(args, "verbose", 0))
+    from uniforget.slim_io import PruneRequest, prune_to_dir
+
+    req = PruneRequest(out=args.out, masks=args.masks, ratio=ratio, plan=args.plan, model=args.model,
+                       unet_dir=args.unet, reference_shape=ref, atol=args.atol, overwrite=args.overwrite,
+                       plan_out=args.plan_out, align=align)
     res = prune_to_dir(req)
     print_plan_table(res.plan, f"slim UNet -> {res.out}")
     print(f"parity slim vs gated: max abs {res.parity.max_abs:.2e} at {res.parity.shape} "

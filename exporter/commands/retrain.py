@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exporter.argtypes import count_or_zero, int_at_least, nonnegative_float, positive_float, positive_int
 from exporter.commands import STAGE_HELP, DocstringFormatter, quiet_libraries
-from uniforget.retrain import RetrainConfig, RetrainRequest, RetrainResult, RetrainStep, run_retrain
+from uniforget.configs import OBJECTIVES, RETRAIN_PRECISIONS, RetrainConfig
+
+if TYPE_CHECKING:
+    from uniforget.retrain import RetrainRequest, RetrainResult
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,9 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="N: sampler steps of the trajectory (the noise objective draws its states from it)")
     p.add_argument("--guidance-scale", type=nonnegative_float, default=None,
                    help=f"teacher trajectory guidance (default: the model's own, else {d.guidance_scale})")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision,
+    p.add_argument("--precision", choices=RETRAIN_PRECISIONS, default=d.precision,
                    help="autocast dtype for both UNets (weights stay fp32)")
-    p.add_argument("--objective", choices=("noise", "trajectory"), default=d.objective,
+    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
                    help="noise: match the teacher's noise predictions on its own trajectory states (cheap); "
                         "trajectory: match its N-step final latents, backpropagating through the sampler")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -61,12 +65,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _request(args: argparse.Namespace) -> RetrainRequest:
+def _config(args: argparse.Namespace) -> RetrainConfig:
+    """Every option built and checked, with no torch import: a bad one costs milliseconds."""
     d = RetrainConfig()
-    cfg = RetrainConfig(steps=args.steps, lr=args.lr, lr_min=args.lr_min, weight_decay=args.weight_decay,
-                        batch=args.batch, sampler_steps=args.sampler_steps, objective=args.objective,
-                        guidance_scale=d.guidance_scale if args.guidance_scale is None else args.guidance_scale,
-                        seed=args.seed, precision=args.precision)
+    return RetrainConfig(steps=args.steps, lr=args.lr, lr_min=args.lr_min, weight_decay=args.weight_decay,
+                         batch=args.batch, sampler_steps=args.sampler_steps, objective=args.objective,
+                         guidance_scale=d.guidance_scale if args.guidance_scale is None else args.guidance_scale,
+                         seed=args.seed, precision=args.precision)
+
+
+def _request(args: argparse.Namespace, cfg: RetrainConfig) -> RetrainRequest:
+    from uniforget.retrain import RetrainRequest
+
     return RetrainRequest(slim=args.slim, out=args.out, model=args.model, config=cfg, prompts_file=args.prompts,
                           checkpoint_every=args.checkpoint_every, resume=args.resume, device=args.device,
                           guidance_scale=args.guidance_scale, drift_prompts=args.drift_prompts,
@@ -85,9 +95,12 @@ def check_paths(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    req = _request(args)
+    cfg = _config(args)
     check_paths(args)
+    req = _request(args, cfg)
     quiet_libraries(getattr(args, "verbose", 0))
+    from uniforget.retrain import run_retrain
+
     result = run_retrain(req) if args.no_progress else _with_progress(req)
     s = result.summary
     loss = "-" if s.get("final_loss") is None else f"{s['first_loss']:.3g} -> {s['final_loss']:.3g}"
@@ -99,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _with_progress(req: RetrainRequest) -> RetrainResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from uniforget.retrain import RetrainStep, run_retrain
 
     cols = (TextColumn("retrain"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"))

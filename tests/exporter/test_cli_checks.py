@@ -266,10 +266,18 @@ print(json.dumps({"rc": rc, "torch": "torch" in sys.modules}))
 @pytest.mark.parametrize("argv", [["--help"], ["serve", "--repo", "r", "--http-port", "70000"],
                                   ["build", "--out", "o", "--triton", "--steps", "0"],
                                   ["export", "--unet", "u", "--out", "o", "--atol", "-1"],
-                                  ["bench", "--slim", "s", "--runs", "5"], ["validate", "--batch-size", "0"]],
+                                  ["bench", "--slim", "s", "--runs", "5"], ["validate", "--batch-size", "0"],
+                                  ["learn", "--beta", "foo"], ["learn", "--ladder", "5,1"],
+                                  ["learn", "--beta", "auto", "--budget-statistic", "mean"],
+                                  ["learn", "--targets", "heads,mlp"], ["learn", "--out", "."],
+                                  ["plan", "--masks", "m", "--ratio", "2"], ["plan", "--masks", "absent", "--ratio", "0.1"],
+                                  ["prune", "--out", "o", "--masks", "m", "--ratio", "0.05", "--ref-seq", "4"],
+                                  ["retrain", "--slim", "s", "--out", "o", "--lr-min", "1"],
+                                  ["retrain", "--slim", "absent", "--out", "o"]],
                          ids=lambda a: " ".join(a))
-def test_light_stages_refuse_without_importing_torch(argv):
-    """Only the stage a command line names is imported, so listing the stages and refusing a light stage's bad
+def test_stages_refuse_without_importing_torch(argv):
+    """Only the stage a command line names is imported, and every stage builds its options' frozen configs
+    (uniforget.configs) and checks its paths before it imports torch, so listing the stages and refusing a bad
     option costs a fraction of a second, not torch's import."""
     proc = subprocess.run([sys.executable, "-c", STAGE_PROBE, *argv], capture_output=True, text=True, cwd=ROOT,
                           timeout=120)
