@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -21,11 +22,40 @@ from .commands import STAGE_HELP, STAGES
 log = logging.getLogger("uniforget")
 
 
+_NUMBER = re.compile(r"-\d*\.?\d+(e[-+]?\d+)?", re.IGNORECASE)
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse whose usage mistakes end like every other refusal: one line `error: ...`, exit code 2."""
+    """argparse whose usage mistakes end like every other refusal: one line `error: ...`, exit code 2.
+
+    argparse reports missing required options before unknown ones, so `uniforget plan --frob` would answer
+    "--masks, --ratio are required" and hide the typo; this parser names the unknown option first."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._words = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            unknown = self._unknown_options()
+            if unknown:
+                message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def _unknown_options(self) -> list[str]:
+        """The words of this parser's command line that look like options it does not have."""
+        known = self._option_string_actions
+        unknown = []
+        for word in getattr(self, "_words", []):
+            if word == "--":
+                break
+            if not word.startswith("-") or word == "-" or _NUMBER.fullmatch(word):
+                continue
+            name = word.split("=", 1)[0]
+            prefix_of = [k for k in known if k.startswith(name)] if self.allow_abbrev and name.startswith("--") else []
+            if name not in known and len(prefix_of) != 1:
+                unknown.append(word)
+        return unknown
 
 
 def _setup_logging(verbose: int) -> None:

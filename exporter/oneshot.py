@@ -232,9 +232,7 @@ def preflight(opts: ExportOptions) -> Path:
     """
 
     out = Path(opts.out or default_out(opts))
-    if out.exists() and not opts.force:
-        raise ExportError(f"{out} already exists; pass --force to replace it or choose another --out")
-    check_can_create(out, "--out")
+    check_can_create(out, "--out", replace=opts.force, flag="--force")
     _check_ratio(opts.ratio)
     bad = _number_problems(opts)
     if bad:

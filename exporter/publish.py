@@ -28,15 +28,15 @@ def publish_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def check_can_create(out: Path, option: str = "--out", *, replace: bool = True) -> None:
+def check_can_create(out: Path, option: str = "--out", *, replace: bool = True, flag: str = "--overwrite") -> None:
     """Refuse, before any work, an output folder that cannot be created: a path that is a file, an existing
-    folder when `replace` is false (the option's --overwrite not given), an ancestor that is a file, or a folder
-    where nothing can be written (read-only, /proc, no permission)."""
+    folder when `replace` is false (`flag` not given), an ancestor that is a file, or a folder where nothing can
+    be written (read-only, /proc, no permission)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"{option} {out} is a file, not a folder; choose another {option}")
     if out.exists() and not replace:
-        raise ExportError(f"{option} {out} already exists; pass --overwrite to replace it")
+        raise ExportError(f"{option} {out} already exists; pass {flag} to replace it or choose another {option}")
     _probe_ancestor(out, option)
 
 

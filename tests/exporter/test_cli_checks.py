@@ -111,6 +111,21 @@ def test_stage_usage_mistake_is_one_line(capsys):
     assert err == ["error: argument --ratio: expected one argument (see uniforget plan --help)"]
 
 
+@pytest.mark.parametrize("argv, line", [
+    (["plan", "--frob"], "error: unrecognized arguments: --frob (see uniforget plan --help)"),
+    (["prune", "--oot", "x", "--ratio", "-0.1"], "error: unrecognized arguments: --oot (see uniforget prune --help)"),
+    (["plan", "--mask", "m"], "error: the following arguments are required: --ratio (see uniforget plan --help)"),
+    (["--frob"], "error: unrecognized arguments: --frob (see uniforget --help)"),
+])
+def test_an_unknown_option_is_named_before_missing_required_ones(argv, line, capsys):
+    """A typo is the mistake to report: argparse alone would say only that --masks and --ratio are missing.
+    A known option's abbreviation (--mask) and a negative number are not unknown options."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [line]
+
+
 def test_prune_refuses_an_unwritable_out_before_loading(a_file, capsys):
     rc = main(["prune", "--model", "no/such/model", "--ratio", "0.05", "--masks", "m.safetensors",
                "--out", str(a_file / "slim")])
