@@ -105,8 +105,18 @@ class InputSpec:
 _ONNX_TO_NP = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool"}
 
 
-def onnx_io(onnx_path: Path) -> tuple[list[InputSpec], list[InputSpec]]:
-    """Graph inputs (skipping initializers) and outputs, read without loading external weights."""
+@dataclass(frozen=True)
+class OnnxGraphFacts:
+    """What an engine build needs from the ONNX graph, read in one parse: a graph with inline weights (under
+    2 GB) costs its full size to parse, so the build reads it once, not once per question."""
+
+    inputs: list[InputSpec]
+    outputs: list[InputSpec]
+    fp16: bool
+
+
+def onnx_graph_facts(onnx_path: Path) -> OnnxGraphFacts:
+    """Graph inputs (skipping initializers), outputs, and whether it is fp16, without loading external weights."""
     import onnx  # noqa: PLC0415
 
     try:
@@ -120,23 +130,28 @@ def onnx_io(onnx_path: Path) -> tuple[list[InputSpec], list[InputSpec]]:
         dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
         return InputSpec(v.name, _ONNX_TO_NP.get(tt.elem_type, f"onnx:{tt.elem_type}"), dims)
 
-    return [spec(i) for i in model.graph.input if i.name not in inits], [spec(o) for o in model.graph.output]
+    # an fp16 ONNX (fp16 inputs or weights) is built strongly typed: TensorRT then keeps the graph's own types
+    fp16 = onnx.TensorProto.FLOAT16
+    is_fp16 = (any(i.type.tensor_type.elem_type == fp16 for i in model.graph.input)
+               or any(t.data_type == fp16 for t in model.graph.initializer))
+    return OnnxGraphFacts([spec(i) for i in model.graph.input if i.name not in inits],
+                          [spec(o) for o in model.graph.output], is_fp16)
+
+
+def onnx_io(onnx_path: Path) -> tuple[list[InputSpec], list[InputSpec]]:
+    """Graph inputs (skipping initializers) and outputs."""
+    facts = onnx_graph_facts(onnx_path)
+    return facts.inputs, facts.outputs
 
 
 def onnx_inputs(onnx_path: Path) -> list[InputSpec]:
     """Graph inputs only (what an optimization profile must cover)."""
-    return onnx_io(onnx_path)[0]
+    return onnx_graph_facts(onnx_path).inputs
 
 
 def onnx_is_fp16(onnx_path: Path) -> bool:
-    """An fp16 ONNX (fp16 inputs or weights) is built strongly typed: TensorRT then keeps the graph's own types."""
-    import onnx  # noqa: PLC0415
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    fp16 = onnx.TensorProto.FLOAT16
-    if any(i.type.tensor_type.elem_type == fp16 for i in model.graph.input):
-        return True
-    return any(t.data_type == fp16 for t in model.graph.initializer)
+    """fp16 inputs or weights (such a graph is built strongly typed)."""
+    return onnx_graph_facts(onnx_path).fp16
 
 
 def profile_shapes(inputs: Sequence[InputSpec], ranges: ShapeRanges) -> dict[str, tuple[tuple[int, ...], ...]]:
@@ -352,8 +367,13 @@ def _check_options(opts: BuildOptions) -> None:
         raise ExportError(f"builder optimization level must be 0..5, got {opts.builder_optimization_level}")
 
 
-def build_engine(opts: BuildOptions, progress: Callable[[str], None] | None = None) -> BuildResult:
-    """ONNX -> TensorRT plan + build.json in `opts.out_dir`, published only after parity passed."""
+def build_engine(opts: BuildOptions, progress: Callable[[str], None] | None = None,
+                 facts: OnnxGraphFacts | None = None) -> BuildResult:
+    """ONNX -> TensorRT plan + build.json in `opts.out_dir`, published only after parity passed.
+
+    `facts` is `onnx_graph_facts(opts.onnx)` where the caller already read it (the CLI does, to refuse an
+    unreadable file before the build), so the graph is parsed once.
+    """
     _check_options(opts)
     trt = import_tensorrt()
     from polygraphy.backend.trt import (  # noqa: PLC0415
@@ -366,13 +386,14 @@ def build_engine(opts: BuildOptions, progress: Callable[[str], None] | None = No
     )
 
     say = progress or (lambda s: log.info("%s", s))
-    inputs = onnx_inputs(opts.onnx)
+    facts = facts or onnx_graph_facts(opts.onnx)  # one parse of the graph for inputs and precision
+    inputs = facts.inputs
     shapes = profile_shapes(inputs, opts.ranges)
     profile = Profile()
     for name, (mn, op, mx) in shapes.items():
         profile.add(name, min=mn, opt=op, max=mx)
 
-    fp16_onnx = onnx_is_fp16(opts.onnx)
+    fp16_onnx = facts.fp16
     strongly_typed = fp16_onnx if opts.strongly_typed is None else opts.strongly_typed
     # a strongly typed network takes its precisions from the graph; builder precision flags are rejected there
     use_fp16_flag = opts.fp16 and not strongly_typed
@@ -437,7 +458,8 @@ def check_engine_parity(engine, opts: BuildOptions, inputs: Sequence[InputSpec],
                         shapes: dict[str, tuple[tuple[int, ...], ...]], trt_runner_cls) -> ParityResult:
     """Engine vs ONNX Runtime fp32 at every distinct profile shape (min, opt, max)."""
     ref_path = opts.reference_onnx or opts.onnx
-    ref_inputs = {s.name: s for s in onnx_inputs(ref_path)}
+    # the reference is a second parse only when it is another file than the one built
+    ref_inputs = {s.name: s for s in (onnx_inputs(ref_path) if opts.reference_onnx else inputs)}
     ref_feeds, cand_feeds = [], []
     seen = set()
     for which in range(3):

@@ -6,10 +6,15 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exporter.argtypes import int_at_least, int_between, nonnegative_float, positive_float, positive_int
 from exporter.commands import STAGE_HELP
+from exporter.errors import ExportError
 from uniforget.errors import UniforgetError
+
+if TYPE_CHECKING:
+    from exporter.tensorrt_build import OnnxGraphFacts
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +71,17 @@ def _default_onnx(out: Path) -> Path:
     raise UniforgetError(f"no UNet ONNX under {out}/onnx: run `uniforget export` first or pass --onnx")
 
 
-def _check_onnx(path: Path, option: str) -> Path:
-    """An ONNX file whose graph parses (weights in external data are not read), before any build starts."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
+def _check_onnx(path: Path, option: str) -> OnnxGraphFacts:
+    """An ONNX file whose graph parses (weights in external data are not read), before any build starts; what
+    it read is handed to the build, which then need not parse the graph again."""
     from exporter.publish import check_input_file
+    from exporter.tensorrt_build import onnx_graph_facts
 
     check_input_file(path, option)
     try:
-        onnx.load(str(path), load_external_data=False)
-    except (DecodeError, OSError, ValueError) as e:
-        raise UniforgetError(f"{option} {path} is not a readable ONNX model: {e}") from None
-    return path
+        return onnx_graph_facts(path)
+    except ExportError as e:
+        raise UniforgetError(f"{option} {path} is not a readable ONNX model: {e.__cause__ or e}") from None
 
 
 def _sample_size(onnx: Path) -> int:
@@ -96,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not (args.trt or args.triton):
         raise UniforgetError("nothing to build: pass --trt (TensorRT engine) and/or --triton (model repository)")
-    onnx = _check_onnx(args.onnx, "--onnx") if args.onnx else _default_onnx(args.out)
+    facts = _check_onnx(args.onnx, "--onnx") if args.onnx else None
+    onnx = args.onnx if args.onnx else _default_onnx(args.out)
     if args.reference_onnx:
         _check_onnx(args.reference_onnx, "--reference-onnx")
     if args.pipeline is not None and not args.triton:
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             onnx=onnx, out_dir=trt_dir, fp16=args.fp16, strongly_typed=args.strongly_typed, ranges=ranges,
             workspace_gib=args.workspace_gib, builder_optimization_level=args.opt_level,
             timing_cache=args.timing_cache, reference_onnx=args.reference_onnx, rtol=args.rtol, atol=args.atol,
-            overwrite=args.overwrite))
+            overwrite=args.overwrite), facts=facts)
         print(f"engine: {res.plan} ({res.seconds:.1f} s); record: {res.build_json}")
     if args.triton:
         default = args.out / "onnx" / "pipeline"  # an explicit --pipeline is checked by write_repository

@@ -22,7 +22,9 @@ from exporter.tensorrt_build import (
     build_engine,
     compare_runners,
     make_feeds,
+    onnx_graph_facts,
     onnx_inputs,
+    onnx_io,
     onnx_is_fp16,
     onnxrt_runner,
     profile_shapes,
@@ -136,6 +138,19 @@ def test_fp16_detection(unet_onnx, tmp_path):
     m = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
     onnx.save(m, str(tmp_path / "h.onnx"))
     assert onnx_is_fp16(tmp_path / "h.onnx")
+
+    # fp32 inputs over fp16 weights is fp16 too; the one-parse facts agree with the per-question readers
+    w = helper.make_tensor("w", TensorProto.FLOAT16, [2], [1.0, 2.0])
+    xf = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    yf = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    g = helper.make_graph([helper.make_node("Cast", ["w"], ["wc"], to=TensorProto.FLOAT),
+                           helper.make_node("Add", ["x", "wc"], ["y"])], "g", [xf], [yf], initializer=[w])
+    onnx.save(helper.make_model(g), str(tmp_path / "w.onnx"))
+    facts = onnx_graph_facts(tmp_path / "w.onnx")
+    assert facts.fp16 and onnx_is_fp16(tmp_path / "w.onnx")
+    assert [(i.name, i.dtype) for i in facts.inputs] == [("x", "float32")]
+    assert (facts.inputs, facts.outputs) == onnx_io(tmp_path / "w.onnx")
+    assert not onnx_graph_facts(unet_onnx).fp16
 
 
 def test_polygraphy_parity_passes_for_identical_models(unet_onnx):
