@@ -41,6 +41,7 @@ class OutputComparison:
     nonfinite_candidate: bool
     passed: bool
     detail: str = ""
+    reference_max_abs: float = 0.0  # the reference's own scale, so that max_abs can be read against it
 
     def __bool__(self) -> bool:
         return self.passed
@@ -87,7 +88,7 @@ def compare_arrays(name: str, reference: np.ndarray, candidate: np.ndarray, tol:
     elif not within:
         detail = f"max abs {max_abs:.3g} > atol {tol.atol:g} + rtol {tol.rtol:g}*|ref|"
     return OutputComparison(name, tuple(ref.shape), max_abs, max_rel, mean_abs, bad_ref, bad_cand,
-                            within and not bad_ref and not bad_cand, detail)
+                            within and not bad_ref and not bad_cand, detail, float(scale))
 
 
 def compare_outputs(reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray],
@@ -127,6 +128,11 @@ class ParityReport:
     def max_rel(self) -> float:
         return max((o.max_rel for c in self.cases for o in c.outputs), default=0.0)
 
+    @property
+    def reference_max_abs(self) -> float:
+        """The largest |reference| value over every case and output: the scale max_abs is small against."""
+        return max((o.reference_max_abs for c in self.cases for o in c.outputs), default=0.0)
+
     def failures(self) -> list[str]:
         """One line per failed output: which input set, which output, why."""
         return [f"[{c.label}] {o.name}: {o.detail or 'failed'} (max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g})"
@@ -135,7 +141,8 @@ class ParityReport:
     def summary(self) -> str:
         state = "PASS" if self.passed else "FAIL"
         return (f"{self.candidate} vs {self.reference}: {state} over {len(self.cases)} input sets, "
-                f"max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g} (atol {self.tolerance.atol:g}, "
+                f"max abs {self.max_abs:.3g} (reference up to {self.reference_max_abs:.3g}), "
+                f"max rel {self.max_rel:.3g} (atol {self.tolerance.atol:g}, "
                 f"rtol {self.tolerance.rtol:g})")
 
     def raise_on_failure(self) -> ParityReport:
@@ -147,7 +154,8 @@ class ParityReport:
 
     def to_dict(self) -> dict:
         return {"reference": self.reference, "candidate": self.candidate, "passed": self.passed,
-                "max_abs": self.max_abs, "max_rel": self.max_rel, "tolerance": asdict(self.tolerance),
+                "max_abs": self.max_abs, "max_rel": self.max_rel, "reference_max_abs": self.reference_max_abs,
+                "tolerance": asdict(self.tolerance),
                 "cases": [{"label": c.label, "passed": c.passed, "outputs": [asdict(o) for o in c.outputs]}
                           for c in self.cases]}
 

@@ -45,7 +45,7 @@ class ReportData:
     options: dict[str, Any]
     stages: tuple[StageRecord, ...]
     plan: dict[str, Any]  # uniforget.plan.plan_dict_summary
-    parity: dict[str, Any]  # per gate: max_abs, max_rel, tolerance, passed
+    parity: dict[str, Any]  # per gate: max_abs, reference_max_abs, max_rel, tolerance, passed
     # {"config": .., "original": Evaluation, "slim": Evaluation, "retrained": Evaluation (optional),
     #  "controls": {"random": Evaluation, "shuffled": Evaluation} (optional), "verdict": Verdict}
     evaluation: dict[str, Any] | None = None
@@ -317,9 +317,11 @@ def to_markdown(data: ReportData, images: dict[str, str], chart: str | None) -> 
             L += [f"![latency]({chart})", ""]
 
     L += ["## Parity gates (measured maxima)", ""]
-    rows = [[name, _sci(g.get("max_abs")), _sci(g.get("max_rel")), g.get("tolerance", ""),
-             "pass" if g.get("passed") else "FAIL"] for name, g in data.parity.items()]
-    L += _table(["gate", "max abs", "max rel", "tolerance", ""], rows)
+    L += ["`max abs` is read against `reference max`, the largest magnitude the reference stage output; `max rel` "
+          "is per element, over elements above 1e-6 of that maximum, where the comparison computes it.", ""]
+    rows = [[name, _sci(g.get("max_abs")), _sci(g.get("reference_max_abs")), _sci(g.get("max_rel")),
+             g.get("tolerance", ""), "pass" if g.get("passed") else "FAIL"] for name, g in data.parity.items()]
+    L += _table(["gate", "max abs", "reference max", "max rel", "tolerance", ""], rows)
 
     L += ["## Stages", ""]
     L += _table(["stage", "seconds", "result"], [[s.name, f"{s.seconds:.1f}", s.summary] for s in data.stages])

@@ -23,7 +23,12 @@ protobuf's 2 GB limit, so external data, the ONNX pipeline and the Triton reposi
    installed) are there, and the verdict says memorization was not measured (random weights memorize
    nothing: there are no reference images, so only Wen's noise norm can be computed, and it means nothing here).
 
-5. `--serve`: a real tritonserver (.venv-triton) loads the written repository's `pipeline` model (the 3.3 GB
+5. `--native SIZE` (64 for SD1.5's 512 px): the published slim UNet (torch, from `out/unet`) against its
+   external-data ONNX graph (`out/onnx/unet.onnx`) in ONNX Runtime at that latent size, batch 2 (a CFG call),
+   77 tokens, the one-shot's own parity tolerance. The one-shot learned and validated at `--size`; this shows
+   the same graph holds parity at the resolution users generate at, with its wall time and peak memory.
+
+6. `--serve`: a real tritonserver (.venv-triton) loads the written repository's `pipeline` model (the 3.3 GB
    external-data UNet among it), answers one request over HTTP, and its image must equal the in-process ONNX
    Runtime pipeline's on the same folder, pixel for pixel.
 
@@ -45,6 +50,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -307,10 +313,32 @@ def serve(out: Path, steps: int, seed: int = 0) -> tuple[dict, list[str]]:
     return found, fails
 
 
+def native_parity(out: Path, size: int, batch: int = 2, seq_len: int = 77) -> tuple[dict, list[str]]:
+    """The published slim UNet (torch) vs its ONNX graph (ONNX Runtime) at a `size` x `size` latent."""
+    import torch
+
+    from exporter.onnx_export import validate_unet
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads())
+    t0 = time.perf_counter()
+    report = validate_unet(out / "unet", out / "onnx" / "unet.onnx", cases=[(batch, size, size)], seq_len=seq_len,
+                           raise_on_failure=False)
+    found = {"case": [c.label for c in report.cases], "seq_len": seq_len, "passed": report.passed,
+             "max_abs": report.max_abs, "max_rel": report.max_rel,
+             "reference_max_abs": report.reference_max_abs, "tolerance": asdict(report.tolerance),
+             "wall_s": round(time.perf_counter() - t0, 1),
+             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    return found, ([] if report.passed else [f"native {size}x{size} parity failed: {report.summary()}"])
+
+
 def check_and_serve(out: Path, args: argparse.Namespace, result: dict) -> list[str]:
-    """check() on a finished output (its findings go into `result`), then serve() it with --serve."""
+    """check() on a finished output (its findings go into `result`), the native-size parity with --native,
+    then serve() it with --serve."""
     found, fails = check(out, args.tiny)
     result.update(found)
+    if args.native:
+        result["native_parity"], more = native_parity(out, args.native)
+        fails += more
     if args.serve:
         result["triton_served"], more = serve(out, args.serve_steps)
         fails += more
@@ -327,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check-only", action="store_true", help="only re-run the checks on WORK/out (WORK/result.json)")
     ap.add_argument("--serve", action="store_true", help="also serve WORK/out/triton with a real tritonserver "
                     "(.venv-triton) and compare its image with in-process ONNX Runtime")
+    ap.add_argument("--native", type=int, default=0, metavar="SIZE",
+                    help="also check the published slim UNet against its ONNX graph at this latent size "
+                         "(64: SD1.5's 512 px), batch 2, 77 tokens")
     ap.add_argument("--serve-steps", type=int, default=4, help="sampler steps of the served request")
     ap.add_argument("--ort-optimize", action="store_true",
                     help="pass --ort-optimize: ONNX Runtime's optimizer fuses the pipeline's UNet (gated against torch)")

@@ -197,7 +197,8 @@ def summary_table(res: Any) -> Any:
         for name, c in (ev.get("controls") or {}).items():
             rows.append((f"control {name}: copy rate", f"{c.memorized.copy_rate:.1%} (drift {c.drift_neutral:.4f})"))
     for gate, g in res.parity.items():
-        rows.append((f"parity: {gate}", f"{g['max_abs']:.2e}" if g.get("max_abs") is not None else "-"))
+        scale = f" (of {g['reference_max_abs']:.2g})" if g.get("reference_max_abs") is not None else ""
+        rows.append((f"parity: {gate}", f"{g['max_abs']:.2e}{scale}" if g.get("max_abs") is not None else "-"))
     if res.bench is not None:
         for row in res.bench.rows():
             if row["latency_ratio"] is not None:

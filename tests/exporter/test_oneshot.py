@@ -68,6 +68,8 @@ def test_report_numbers(finished):
     assert gates["ONNX Runtime == slim torch (fp32)"]["max_abs"] <= 1e-4
     assert all(g["passed"] for g in gates.values())
     assert any(k.startswith("ONNX pipeline unet") for k in gates)
+    # every gate names the scale its max abs is small against: the reference output's largest magnitude
+    assert all(g["reference_max_abs"] > 100 * g["max_abs"] for g in gates.values())
     assert rep["plan"]["ratio_achieved"] >= 0.05
     ev = rep["evaluation"]
     # planted items are the original's own seed-0 generations: the original copies them exactly

@@ -28,6 +28,7 @@ def test_identical_passes_and_is_truthy():
     a = np.linspace(-1, 1, 100, dtype=np.float32)
     r = compare_arrays("y", a, a.copy(), Tolerance())
     assert r and r.max_abs == 0 and r.max_rel == 0 and not r.nonfinite_candidate
+    assert r.reference_max_abs == 1.0  # the scale a max abs is read against
 
 
 def test_over_atol_fails_with_numbers():

@@ -43,7 +43,8 @@ def _data(**kw) -> ReportData:
             "flops_before": 2e9, "flops_after": 1.88e9, "reference_shape": {"batch": 1, "height": 8, "width": 8,
                                                                                "seq_len": 77},
             "units": {"ffn": {"total": 10, "removed": 2}}}
-    parity = {"slim == gated": {"max_abs": 3e-7, "max_rel": 1e-6, "tolerance": "atol 1e-05", "passed": True},
+    parity = {"slim == gated": {"max_abs": 3e-7, "max_rel": 1e-6, "reference_max_abs": 0.75, "tolerance": "atol 1e-05",
+                                "passed": True},
               "ORT == torch": {"max_abs": float("nan"), "max_rel": None, "tolerance": "atol 1e-4", "passed": False}}
     return ReportData(title="t", command="uniforget-export --ratio 0.05", options={"validate": False},
                       stages=(StageRecord("plan", 0.5, "5% removed"),), plan=plan, parity=parity, **kw)
@@ -54,6 +55,7 @@ def test_markdown_without_evaluation_says_why_and_flags_failed_gate():
     assert "--no-validate" in md
     assert "A PARITY GATE FAILED" in md and "FAIL" in md
     assert "3.00e-07" in md and "×0.940" in md and "-20.0%" in md
+    assert "| slim == gated | 3.00e-07 | 7.50e-01 |" in md  # max abs beside the reference's scale
 
 
 def test_write_report_json_is_strict(tmp_path):

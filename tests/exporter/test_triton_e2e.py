@@ -154,11 +154,14 @@ def test_serve_cli_prints_endpoint_and_stops_on_sigterm(repo):
 @pytest.mark.slow
 def test_fullsize_script_serves_what_the_oneshot_wrote(tmp_path):
     """scripts/oneshot_fullsize.py --serve on its tiny geometry: the one-shot's own repository is loaded by a real
-    server and its image equals in-process ONNX Runtime (the same path its full-size run reports)."""
+    server and its image equals in-process ONNX Runtime (the same path its full-size run reports), and --native
+    checks the published slim UNet against its graph at another latent size than the one-shot ran at."""
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "scripts" / "oneshot_fullsize.py"), "--tiny", "--serve",
-                           "--work", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root,
+                           "--native", "16", "--work", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    served = json.loads((tmp_path / "result.json").read_text())["triton_served"]
+    result = json.loads((tmp_path / "result.json").read_text())
+    served, native = result["triton_served"], result["native_parity"]
+    assert native["passed"] and native["case"] == ["batch=2 16x16"] and native["max_abs"] <= 1e-4
     assert served["models_loaded"] == [PIPELINE] and served["identical"] and served["max_abs_pixels"] == 0
